@@ -1,0 +1,137 @@
+"""The `mm-convert` command line (SPEC section 6). Thin: parse, call, print.
+
+Every failure is one line on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from convert import __version__
+from convert.errors import ConvertError
+from convert.recipe import ConvertSpec, load_recipe, override, parse_size
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Convert MiniMax-M2.5 into kernel-ready FP8 expert layouts for FlashInfer's routed MoE kernel.",
+)
+
+EXIT_FAILED = 1
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> None:
+    typer.echo(f"mm-convert: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mm-convert {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")):
+    pass
+
+
+@app.command("make-tiny")
+def make_tiny(
+    directory: Path = typer.Argument(..., help="Folder to create (must be empty or new)."),
+    dtype: str = typer.Option("fp8", "--dtype", help="fp8 (as MiniMax-M2.5 ships) or bf16 (experts to quantise)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same bytes."),
+):
+    """Write a small random MiniMax-M2-shaped checkpoint (every tensor name, a real config.json)."""
+    from convert.tiny import TINY, make_synthetic
+
+    out = make_synthetic(directory, TINY, dtype, seed)
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    typer.echo(f"wrote {dtype} tiny checkpoint to {out} ({size / 1e6:.1f} MB, {TINY.num_layers} layers x {TINY.num_experts} experts)")
+
+
+@app.command()
+def convert(
+    source: Optional[str] = typer.Argument(None, help="Source folder (or Hub repo id). Optional with --recipe."),
+    out: Optional[Path] = typer.Argument(None, help="Output folder. Optional with --recipe."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="A TOML recipe; flags override it."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="sglang (MajorK, unshuffled) or trtllm (shuffled, BlockMajorK)."),
+    tp: Optional[int] = typer.Option(None, "--tp", help="Tensor-parallel size of the serving launch (1-16)."),
+    ep: Optional[int] = typer.Option(None, "--ep", help="Expert-parallel size (divides tp and the experts)."),
+    part_size: Optional[str] = typer.Option(None, "--part-size", help="Largest expert part file, e.g. 5GB (default) or 500MB."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda: where quantisation and layout run."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different or unfinished conversion in OUT."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Quantise (BF16 sources), lay out and write the experts for one parallel shape."""
+    from convert.execute import ConvertOptions, convert as run_convert
+
+    spec = ConvertSpec()
+    source_path = source
+    recipe_name = None
+    if recipe is not None:
+        from convert.pipeline import prepare_source
+
+        r = load_recipe(recipe)
+        spec = r.convert
+        recipe_name = r.name
+        source_path = source_path or str(prepare_source(r))
+        out = out or r.output_path
+    spec = override(spec, profile=profile, tp=tp, ep=ep, device=device,
+                    part_size=parse_size(part_size, "--part-size") if part_size else None)
+    if source_path is None or out is None:
+        _fail("convert needs SOURCE and OUT (or a --recipe that names them)")
+    result = run_convert(
+        source_path, out,
+        ConvertOptions(profile=spec.profile, tp=spec.tp, ep=spec.ep, part_size=spec.part_size, device=spec.device,
+                       overwrite=overwrite, quiet=quiet, recipe_name=recipe_name),
+    )
+    plan = result.plan
+    typer.echo(
+        f"converted to {result.out}: profile {plan.profile.name}, {plan.parallel.label} "
+        f"(moe_tp {plan.parallel.moe_tp}, I_p {plan.padded_intermediate_size}), {len(result.records)} files, "
+        f"{result.bytes_written / 1e6:.1f} MB written, {result.files_reused} reused, {result.seconds:.1f} s"
+    )
+
+
+@app.command()
+def inspect(path: Path = typer.Argument(..., help="A source or converted checkpoint folder.")):
+    """Summarise a checkpoint: architecture, dtypes, experts, parallel shapes, manifest status."""
+    from convert.inspect import inspect_path
+
+    typer.echo(inspect_path(path).render())
+
+
+def _release_big_buffers_to_the_os() -> None:
+    """Make glibc serve every allocation over 1 MiB with mmap, so freed tensors go back to the OS.
+
+    Without it glibc raises its mmap threshold as large blocks are freed and keeps them in its heap,
+    and the resident peak drifts up by about a chunk of experts over the first layers.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
+def main() -> None:
+    _release_big_buffers_to_the_os()
+    try:
+        app()
+    except ConvertError as exc:
+        typer.echo(f"mm-convert: error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    except KeyboardInterrupt:
+        typer.echo("mm-convert: interrupted; finished files are kept and a rerun resumes", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

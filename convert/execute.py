@@ -1,0 +1,421 @@
+"""Executing a conversion plan: read -> (quantise) -> profile -> write, in the plan's order.
+
+The loop is deliberately dumb: it walks the planned files tensor by tensor and fills each planned
+byte range in turn. Expert tensors are produced a chunk of experts at a time (chunks never cross an
+EP rank's block), so peak memory is bounded by the chunk budget, not by the number of layers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from convert import __version__, model, output_format
+from convert.errors import ConvertError
+from convert.manifest import Census, DtypeCount, Manifest, SourceIdentity, new_manifest
+from convert.output_format import ConfigBlock, ShapeEntry
+from convert.parallel import ParallelShape, RankGeometry
+from convert.plan import ConversionPlan, PlannedFile, build_plan
+from convert.profiles import Down, GateUp, Packed, get_profile
+from convert.progress import byte_bar
+from convert.quant import quantize_fp8_block
+from convert.safetensors_file import read_header, tensor_bytes
+from convert.source import SourceCheckpoint
+from convert.writer import FileRecord, StagedFile, WorkDir
+
+COPY_CHUNK = 64 * 1024 * 1024
+# Source bytes gathered per expert chunk; quantising BF16 needs about 4x this in float32 temporaries.
+DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    profile: str = "sglang"
+    tp: int = 1
+    ep: int = 1
+    part_size: int = output_format.DEFAULT_PART_SIZE
+    device: str = "cpu"
+    overwrite: bool = False
+    quiet: bool = False
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    source_repo: str | None = None
+    source_revision: str | None = None
+    source_sha256: dict[str, str] = field(default_factory=dict)
+    recipe_name: str | None = None
+
+    def recipe_record(self) -> dict[str, Any]:
+        return {
+            "name": self.recipe_name,
+            "profile": self.profile,
+            "tp": self.tp,
+            "ep": self.ep,
+            "part_size": self.part_size,
+        }
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    out: Path
+    plan: ConversionPlan
+    records: tuple[FileRecord, ...]
+    bytes_written: int
+    files_reused: int
+    seconds: float
+
+
+# -- reading a chunk of experts ------------------------------------------------------------------
+
+
+def _check_fp8(t: torch.Tensor, names: list[str], source: SourceCheckpoint) -> None:
+    # e4m3fn has no infinities; 0x7F and 0xFF are its only NaN encodings.
+    bad = (t & 0x7F) == 0x7F
+    if bool(bad.any()):
+        i = int(bad.flatten(1).any(1).nonzero()[0])
+        raise ConvertError(f"{source.info(names[i]).path}: tensor {names[i]}: FP8 weight holds NaN")
+
+
+def _check_float(t: torch.Tensor, names: list[str], source: SourceCheckpoint, what: str, positive: bool) -> None:
+    bad = ~torch.isfinite(t)
+    if positive:
+        bad |= t <= 0
+    if bool(bad.any()):
+        i = int(bad.flatten(1).any(1).nonzero()[0])
+        problem = "non-finite or non-positive values" if positive else "NaN or Inf"
+        raise ConvertError(f"{source.info(names[i]).path}: tensor {names[i]}: {what} holds {problem}")
+
+
+def _read_stack(source: SourceCheckpoint, names: list[str], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty((len(names), *shape), dtype=dtype)
+    for i, name in enumerate(names):
+        source.read_into(name, out[i])
+    return out
+
+
+def _load_projection(source: SourceCheckpoint, layer: int, experts: range, proj: model.Projection, device: str):
+    """(fp8 bytes `[n, rows, cols]`, fp32 scales) for one projection of a chunk of experts."""
+    wshape = source.shape.expert_weight_shapes[proj]
+    wnames = [model.expert_weight_name(layer, e, proj) for e in experts]
+    if source.kind == "fp8":
+        snames = [model.expert_scale_name(layer, e, proj) for e in experts]
+        weight = _read_stack(source, wnames, wshape, torch.uint8)
+        scale = _read_stack(source, snames, model.scale_shape(wshape), torch.float32)
+        _check_fp8(weight, wnames, source)
+        _check_float(scale, snames, source, "scale", positive=True)
+        return weight.to(device), scale.to(device)
+    dtype = source.info(wnames[0]).torch_dtype
+    raw = _read_stack(source, wnames, wshape, dtype).to(device)
+    _check_float(raw, wnames, source, "weight", positive=False)
+    q, scale = quantize_fp8_block(raw)
+    return q.view(torch.uint8), scale
+
+
+def load_gate_up(source: SourceCheckpoint, layer: int, experts: range, device: str = "cpu") -> GateUp:
+    gate, gate_scale = _load_projection(source, layer, experts, "w1", device)
+    up, up_scale = _load_projection(source, layer, experts, "w3", device)
+    return GateUp(gate=gate, up=up, gate_scale=gate_scale, up_scale=up_scale)
+
+
+def load_down(source: SourceCheckpoint, layer: int, experts: range, device: str = "cpu") -> Down:
+    weight, scale = _load_projection(source, layer, experts, "w2", device)
+    return Down(weight=weight, scale=scale)
+
+
+def expert_chunks(plan: ConversionPlan, chunk_bytes: int) -> list[range]:
+    """Ranges of experts processed together; never crossing an EP rank's block of experts."""
+    m = plan.model
+    per_expert = 3 * m.hidden_size * m.intermediate_size * (1 if plan.source_kind == "fp8" else 8)
+    size = max(1, min(plan.ranks[0].num_local_experts, chunk_bytes // max(1, per_expert)))
+    chunks = []
+    for block_start in range(0, m.num_experts, plan.ranks[0].num_local_experts):
+        block_end = block_start + plan.ranks[0].num_local_experts
+        chunks.extend(range(s, min(s + size, block_end)) for s in range(block_start, block_end, size))
+    return chunks
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+
+def _write_tensor(writer: StagedFile, data: torch.Tensor, on_bytes: Callable[[int], None]) -> None:
+    view = tensor_bytes(data.contiguous().cpu())
+    writer.write(view)
+    on_bytes(len(view))
+
+
+def copy_shard(source: SourceCheckpoint, planned: PlannedFile, work: WorkDir, on_bytes: Callable[[int], None]) -> FileRecord:
+    """A non-expert shard: the planned header, then each source tensor's bytes unchanged."""
+    writer = work.open(planned.path, planned.size)
+    header = planned.header
+    writer.write(header)
+    on_bytes(len(header))
+    buffer = torch.empty(COPY_CHUNK, dtype=torch.uint8)
+    for t in planned.tensors:
+        assert t.source is not None and writer.written == len(header) + t.offset
+        for chunk in source.read_chunks(t.source, buffer):
+            writer.write(chunk)
+            on_bytes(len(chunk))
+    return writer.finish()
+
+
+def write_part_group(
+    source: SourceCheckpoint,
+    plan: ConversionPlan,
+    part: int,
+    ranks: list[int],
+    work: WorkDir,
+    chunk_bytes: int,
+    device: str,
+    on_bytes: Callable[[int], None],
+) -> list[FileRecord]:
+    """Every listed rank's part file of one part group, walking the planned tensors in order."""
+    files = {r: plan.expert_file(r, part) for r in ranks}
+    writers = {r: work.open(f.path, f.size) for r, f in files.items()}
+    try:
+        for r, f in files.items():
+            header = f.header
+            writers[r].write(header)
+            on_bytes(len(header))
+        geometry = {r: plan.ranks[r] for r in ranks}
+        chunks = expert_chunks(plan, chunk_bytes)
+        layout = files[ranks[0]]
+        pending_scales: dict[int, list[torch.Tensor]] = {}
+        for tensor in layout.tensors:
+            assert tensor.layer is not None and tensor.kind is not None
+            if tensor.kind.endswith("_scale_inv"):
+                for r in ranks:
+                    _write_tensor(writers[r], torch.cat(pending_scales[r]), on_bytes)
+                continue
+            pending_scales = {r: [] for r in ranks}
+            for experts in chunks:
+                owners = [r for r in ranks if experts.start in geometry[r].experts]
+                if not owners:
+                    continue
+                packs = _pack_chunk(source, plan, tensor.layer, tensor.kind, experts, [geometry[r] for r in owners], device)
+                for r, packed in zip(owners, packs):
+                    _write_tensor(writers[r], packed.weight, on_bytes)
+                    pending_scales[r].append(packed.scale.cpu())
+        return [writers[r].finish() for r in ranks]
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+
+
+def _pack_chunk(source: SourceCheckpoint, plan: ConversionPlan, layer: int, kind: str, experts: range,
+                owners: list[RankGeometry], device: str) -> list[Packed]:
+    profile = plan.profile
+    if kind == "w13_weight":
+        batch = load_gate_up(source, layer, experts, device)
+        return [profile.pack_gate_up(batch, g) for g in owners]
+    batch_down = load_down(source, layer, experts, device)
+    return [profile.pack_down(batch_down, g) for g in owners]
+
+
+# -- the whole conversion ------------------------------------------------------------------------
+
+
+def _fingerprint(source: SourceCheckpoint, options: ConvertOptions) -> dict[str, Any]:
+    return {
+        "tool_version": __version__,
+        "format_version": output_format.FORMAT_VERSION,
+        "source_files": [[f.name, f.size, f.mtime_ns, f.header_sha256] for f in source.files],
+        "source_repo": options.source_repo,
+        "source_revision": options.source_revision,
+        "profile": options.profile,
+        "tp": options.tp,
+        "ep": options.ep,
+        "part_size": options.part_size,
+    }
+
+
+def _check_out_folder(out: Path, source: SourceCheckpoint) -> None:
+    if out.resolve() == source.root:
+        raise ConvertError(f"{out}: the output folder is the source folder; a source is never modified")
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{out}: exists and is not a folder")
+    if out.is_dir():
+        ours = {output_format.MANIFEST_NAME, output_format.WORK_DIR}
+        entries = {p.name for p in out.iterdir()}
+        if entries and not entries & ours:
+            raise ConvertError(f"{out}: not empty and holds no mm-convert output; choose an empty or new folder")
+
+
+def _previous(out: Path, identity: SourceIdentity, plan: ConversionPlan, overwrite: bool) -> Manifest | None:
+    """A finished conversion already in `out` that this one may extend with another parallel shape."""
+    if not (out / output_format.MANIFEST_NAME).exists():
+        return None
+    previous = Manifest.load(out)
+    reason = None
+    if not previous.source.same_weights(identity):
+        reason = "a different source"
+    elif previous.profile != plan.profile.name:
+        reason = f"profile {previous.profile!r} (one profile per output folder)"
+    if reason is None:
+        return previous
+    if not overwrite:
+        raise ConvertError(f"{out}: already holds a conversion of {reason}; pass --overwrite to replace it")
+    _remove_previous(out, previous)
+    return None
+
+
+def _remove_previous(out: Path, previous: Manifest) -> None:
+    for rec in previous.files:
+        (out / rec.path).unlink(missing_ok=True)
+    (out / output_format.MANIFEST_NAME).unlink(missing_ok=True)
+
+
+def _config_json(source: SourceCheckpoint, plan: ConversionPlan, shapes: list[ShapeEntry]) -> dict[str, Any]:
+    config = dict(source.config)
+    if source.kind != "fp8":
+        # BF16 sources: only the routed experts become FP8; everything else stays as it was.
+        config["quantization_config"] = {
+            "quant_method": "fp8",
+            "fmt": model.FP8_DTYPE_NAME,
+            "activation_scheme": "dynamic",
+            "weight_block_size": [model.QUANT_BLOCK, model.QUANT_BLOCK],
+            "modules_to_not_convert": ["self_attn", *model.MODULES_NOT_CONVERTED],
+        }
+    block = ConfigBlock(
+        format_version=output_format.FORMAT_VERSION,
+        profile=plan.profile.name,
+        use_shuffled_weight=plan.profile.flags.use_shuffled_weight,
+        weight_layout=plan.profile.flags.weight_layout,
+        source_kind=plan.source_kind,
+        shapes=tuple(shapes),
+        tool_version=__version__,
+    )
+    config[output_format.CONFIG_BLOCK_KEY] = block.to_dict()
+    return config
+
+
+def shape_entry(plan: ConversionPlan) -> ShapeEntry:
+    return ShapeEntry(
+        tp=plan.parallel.tp,
+        ep=plan.parallel.ep,
+        moe_tp=plan.parallel.moe_tp,
+        padded_intermediate_size=plan.padded_intermediate_size,
+        experts_per_rank=plan.ranks[0].num_local_experts,
+        parts_per_rank=len(plan.part_groups),
+        dir=output_format.shape_dir(plan.parallel),
+    )
+
+
+def census(out_paths: dict[str, Path], source: SourceCheckpoint) -> Census:
+    by_dtype: dict[str, list[int]] = {}
+    expert = other = 0
+    for path in out_paths.values():
+        if path.suffix != ".safetensors":
+            continue
+        for info in read_header(path).tensors:
+            counts = by_dtype.setdefault(info.dtype, [0, 0])
+            counts[0] += 1
+            counts[1] += info.nbytes
+            if output_format.parse_expert_tensor_name(info.name):
+                expert += 1
+            else:
+                other += 1
+    src_expert = sum(1 for n in source.tensors if model.parse_expert_name(n))
+    return Census(
+        source_expert_tensors=src_expert,
+        source_other_tensors=len(source.tensors) - src_expert,
+        output_expert_tensors=expert,
+        output_other_tensors=other,
+        output_by_dtype={k: DtypeCount(*v) for k, v in sorted(by_dtype.items())},
+    )
+
+
+def _small_file(work: WorkDir, rel: str, data: bytes) -> FileRecord:
+    writer = work.open(rel, len(data))
+    writer.write(data)
+    return writer.finish()
+
+
+def convert(source_dir: str | os.PathLike, out: str | os.PathLike, options: ConvertOptions) -> ConvertResult:
+    """Convert a MiniMax-M2 checkpoint folder into `out` (see README "Output format")."""
+    started = time.monotonic()
+    out = Path(out)
+    with SourceCheckpoint.open(source_dir) as source:
+        plan = build_plan(source, get_profile(options.profile), ParallelShape(options.tp, options.ep), options.part_size)
+        if options.device != "cpu" and not torch.cuda.is_available():
+            raise ConvertError(f"--device {options.device}: no CUDA device is available here")
+        identity = SourceIdentity.of(source, options.source_repo, options.source_revision, options.source_sha256)
+        _check_out_folder(out, source)
+        previous = _previous(out, identity, plan, options.overwrite)
+        work = WorkDir(out)
+        work.acquire()
+        try:
+            work.check_fingerprint(_fingerprint(source, options), options.overwrite)
+            records, written, reused = _write_all(source, plan, work, options, previous)
+            new_shape = shape_entry(plan)
+            shapes = [ShapeEntry(**s) for s in (previous.shapes if previous else [])
+                      if (s["tp"], s["ep"]) != (plan.parallel.tp, plan.parallel.ep)] + [new_shape]
+            config = _config_json(source, plan, shapes)
+            records[output_format.CONFIG_NAME] = _small_file(
+                work, output_format.CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode()
+            )
+            kept = [r for r in (previous.files if previous else []) if r.path not in records
+                    and not r.path.startswith(new_shape.dir + "/")]
+            all_records = list(records.values()) + kept
+            paths = {r.path: (work.staged_path(r.path) if work.staged_path(r.path).exists() else out / r.path)
+                     for r in all_records}
+            validation = {k: v for k, v in (previous.validation if previous else {}).items() if k != new_shape.dir}
+            manifest = new_manifest(identity, plan.profile.name, options.recipe_record(),
+                                    [asdict(s) for s in shapes], all_records, census(paths, source), validation)
+            work.commit(sorted(records))
+            stale = previous.files if previous else []
+            for rec in stale:
+                if rec.path.startswith(new_shape.dir + "/") and rec.path not in records:
+                    (out / rec.path).unlink(missing_ok=True)
+            manifest.save(out)  # last: its presence means the folder is complete
+            work.remove()
+        finally:
+            work.release()
+    return ConvertResult(out, plan, tuple(records.values()), written, reused, time.monotonic() - started)
+
+
+def _write_all(source: SourceCheckpoint, plan: ConversionPlan, work: WorkDir, options: ConvertOptions,
+               previous: Manifest | None) -> tuple[dict[str, FileRecord], int, int]:
+    records: dict[str, FileRecord] = {}
+    written = reused = 0
+    with byte_bar(plan.total_bytes, f"convert {plan.profile.name} {plan.parallel.label}", options.quiet) as bar:
+
+        def done(f: PlannedFile) -> bool:
+            nonlocal reused
+            known = previous.record(f.path) if previous else None
+            rec = work.verified(f.path, f.size, known, on_bytes=bar.update)
+            if rec is None:
+                return False
+            records[f.path] = rec
+            reused += 1
+            return True
+
+        def count(n: int) -> None:
+            nonlocal written
+            written += n
+            bar.update(n)
+
+        for shard in plan.shards:
+            if not done(shard):
+                records[shard.path] = copy_shard(source, shard, work, count)
+        for group in plan.part_groups:
+            todo = [g.rank for g in plan.ranks if not done(plan.expert_file(g.rank, group.part))]
+            if todo:
+                for rec in write_part_group(source, plan, group.part, todo, work, options.chunk_bytes,
+                                            options.device, count):
+                    records[rec.path] = rec
+
+    index = {
+        "metadata": {"total_size": sum(f.data_size for f in plan.shards)},
+        "weight_map": {t.name: f.path for f in plan.shards for t in f.tensors},
+    }
+    records[output_format.INDEX_NAME] = _small_file(
+        work, output_format.INDEX_NAME, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+    )
+    for name in plan.auxiliary_files:
+        records[name] = _small_file(work, name, (source.root / name).read_bytes())
+    return records, written, reused

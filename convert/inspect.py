@@ -1,0 +1,145 @@
+"""`mm-convert inspect`: a readable summary of a source or a converted checkpoint.
+
+Reads only configs, indexes, manifests and safetensors headers (never tensor data).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from convert import model, output_format
+from convert.errors import ConvertError
+from convert.manifest import Manifest
+from convert.output_format import ConfigBlock
+from convert.parallel import ParallelShape
+from convert.safetensors_file import read_header
+from convert.source import SourceCheckpoint
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@dataclass
+class Summary:
+    lines: list[str] = field(default_factory=list)
+
+    def add(self, key: str, value: object = "") -> None:
+        self.lines.append(f"{key:<28}{value}" if value != "" else key)
+
+    def render(self) -> str:
+        return "\n".join(self.lines)
+
+
+def _dtype_census(tensors) -> str:
+    counts: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
+    for info in tensors:
+        counts[info.dtype] += 1
+        sizes[info.dtype] += info.nbytes
+    return ", ".join(f"{d} {counts[d]} tensors / {_human(sizes[d])}" for d in sorted(counts))
+
+
+def inspect_path(path: str | Path) -> Summary:
+    path = Path(path)
+    config_path = path / output_format.CONFIG_NAME
+    if not config_path.is_file():
+        raise ConvertError(f"{config_path}: missing: not a checkpoint folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConvertError(f"{config_path}: not readable JSON ({type(exc).__name__})") from exc
+    if output_format.CONFIG_BLOCK_KEY in config:
+        return _inspect_converted(path, config)
+    return _inspect_source(path)
+
+
+def _model_lines(s: Summary, shape: model.ModelShape, config: dict) -> None:
+    s.add("architecture", ", ".join(config.get("architectures", [])) or config.get("model_type"))
+    s.add("layers x experts (top-k)", f"{shape.num_layers} x {shape.num_experts} (top-{shape.top_k})")
+    s.add("hidden / intermediate", f"{shape.hidden_size} / {shape.intermediate_size}")
+    s.add("attention", f"{shape.num_attention_heads} q heads, {shape.num_key_value_heads} kv heads, head_dim {shape.head_dim}")
+    q = config.get("quantization_config")
+    if q:
+        s.add("quantization_config", f"{q.get('quant_method')} {q.get('fmt', '')} blocks {q.get('weight_block_size')}")
+
+
+def _inspect_source(path: Path) -> Summary:
+    with SourceCheckpoint.open(path) as src:
+        s = Summary()
+        s.add(f"source checkpoint: {src.root}")
+        _model_lines(s, src.shape, src.config)
+        s.add("routed experts", f"{src.kind.upper()} ({src.expert_dtype}), {_human(src.expert_bytes())}")
+        s.add("shards", f"{len(src.files)} files, {_human(sum(f.size for f in src.files))}")
+        s.add("tensors", f"{len(src.tensors)}: {_dtype_census(src.tensors.values())}")
+        s.add("auxiliary files", ", ".join(src.auxiliary_files()) or "none")
+        for tp, ep in ((4, 1), (4, 4), (8, 1), (8, 8)):
+            shape = ParallelShape(tp, ep)
+            try:
+                shape.validate(src.shape)
+                ip = shape.padded_intermediate_size(src.shape)
+                s.add(f"  {shape.label} would give", f"{shape.experts_per_rank(src.shape)} experts/rank, I_p {ip}")
+            except ConvertError as exc:
+                s.add(f"  {shape.label}", f"not possible: {exc}")
+        return s
+
+
+def _inspect_converted(path: Path, config: dict) -> Summary:
+    block = ConfigBlock.from_dict(config[output_format.CONFIG_BLOCK_KEY], str(path / output_format.CONFIG_NAME))
+    shape = model.read_model_shape(config, str(path / output_format.CONFIG_NAME))
+    s = Summary()
+    s.add(f"converted checkpoint: {path}")
+    _model_lines(s, shape, config)
+    s.add("profile", f"{block.profile} (use_shuffled_weight={block.use_shuffled_weight}, weight_layout={block.weight_layout})")
+    s.add("kernel", f"{block.kernel} (SGLang --moe-runner-backend {block.moe_runner_backend})")
+    s.add("source experts were", block.source_kind.upper())
+    s.add("format version", block.format_version)
+
+    index_path = path / output_format.INDEX_NAME
+    if index_path.exists():
+        weight_map = json.loads(index_path.read_text()).get("weight_map", {})
+        s.add("non-expert tensors", f"{len(weight_map)} in {len(set(weight_map.values()))} shard(s)")
+
+    for entry in block.shapes:
+        files = sorted((path / entry.dir).glob("rank-*-part-*.safetensors"))
+        expected = entry.tp * entry.parts_per_rank
+        s.add(f"shape {entry.parallel.label}", f"moe_tp {entry.moe_tp}, ep {entry.ep}, I_p {entry.padded_intermediate_size}, "
+              f"{entry.experts_per_rank} experts/rank, {entry.parts_per_rank} part(s)/rank, {len(files)}/{expected} files")
+        first = path / output_format.rank_part_file_name(entry.parallel, 0, 0)
+        if first.exists():
+            header = read_header(first)
+            seen = set()
+            for info in header.tensors:
+                parsed = output_format.parse_expert_tensor_name(info.name)
+                if parsed and parsed[1] not in seen:
+                    seen.add(parsed[1])
+                    s.add(f"  {parsed[1]}", f"{info.dtype} {list(info.shape)}")
+
+    work = path / output_format.WORK_DIR
+    try:
+        manifest = Manifest.load(path)
+    except ConvertError as exc:
+        s.add("manifest", f"MISSING or unreadable ({exc})")
+    else:
+        missing = [f.path for f in manifest.files if not (path / f.path).is_file()]
+        wrong = [f.path for f in manifest.files if (path / f.path).is_file() and (path / f.path).stat().st_size != f.size]
+        state = "complete" if not missing and not wrong else f"{len(missing)} missing, {len(wrong)} wrong size"
+        s.add("manifest", f"{state}: {len(manifest.files)} files, {_human(sum(f.size for f in manifest.files))} "
+              f"(sizes checked; `validate` checks hashes)")
+        src = manifest.source
+        s.add("source", f"{src.repo_id or src.path}" + (f" @ {src.revision}" if src.revision else ""))
+        if manifest.validation:
+            for key, result in sorted(manifest.validation.items()):
+                s.add(f"validation {key}", result.get("summary", result) if isinstance(result, dict) else result)
+        else:
+            s.add("validation", "not run yet")
+    if work.exists() and (work / "fingerprint.json").exists():
+        s.add("in progress", f"an unfinished conversion is staged in {work}")
+    return s

@@ -1,0 +1,146 @@
+"""The output checkpoint's format (SPEC section 5): file names, tensor names, the config block.
+
+Other tools and the validators read converted checkpoints through the names defined here; this
+is the only module that spells them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from convert.errors import ConvertError
+from convert.parallel import ParallelShape
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+CONFIG_BLOCK_KEY = "mm_convert"
+MANIFEST_NAME = "mm_convert.json"
+MODEL_CARD_NAME = "README.md"
+INDEX_NAME = "model.safetensors.index.json"
+EXPERTS_DIR = "experts"
+WORK_DIR = ".mm-convert"  # staging, lock and journal of a conversion in progress
+DEFAULT_PART_SIZE = 5 * 10**9  # bytes per file, like the Hub's usual 5 GB shards
+MOE_RUNNER_BACKEND = "flashinfer_trtllm_routed"
+KERNEL_NAME = "flashinfer.fused_moe.trtllm_fp8_block_scale_routed_moe"
+
+ExpertTensorKind = Literal["w13_weight", "w13_weight_scale_inv", "w2_weight", "w2_weight_scale_inv"]
+EXPERT_TENSOR_KINDS: tuple[ExpertTensorKind, ...] = (
+    "w13_weight",
+    "w13_weight_scale_inv",
+    "w2_weight",
+    "w2_weight_scale_inv",
+)
+
+
+def shard_file_name(index: int, count: int) -> str:
+    """Standard Hugging Face shard name, 1-based: `model-00001-of-00003.safetensors`."""
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def shape_dir(shape: ParallelShape) -> str:
+    return f"{EXPERTS_DIR}/{shape.dirname}"
+
+
+def rank_part_file_name(shape: ParallelShape, rank: int, part: int) -> str:
+    return f"{shape_dir(shape)}/rank-{rank}-part-{part}.safetensors"
+
+
+def expert_tensor_name(layer: int, kind: ExpertTensorKind) -> str:
+    return f"model.layers.{layer}.block_sparse_moe.experts.{kind}"
+
+
+def parse_expert_tensor_name(name: str) -> tuple[int, ExpertTensorKind] | None:
+    prefix, sep, kind = name.rpartition(".block_sparse_moe.experts.")
+    if not sep or kind not in EXPERT_TENSOR_KINDS or not prefix.startswith("model.layers."):
+        return None
+    layer = prefix[len("model.layers.") :]
+    return (int(layer), kind) if layer.isdigit() else None  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ShapeEntry:
+    """One parallel shape present under `experts/`."""
+
+    tp: int
+    ep: int
+    moe_tp: int
+    padded_intermediate_size: int
+    experts_per_rank: int
+    parts_per_rank: int
+    dir: str
+
+    @property
+    def parallel(self) -> ParallelShape:
+        return ParallelShape(self.tp, self.ep)
+
+
+@dataclass(frozen=True)
+class ConfigBlock:
+    """The `mm_convert` block added to `config.json`.
+
+    `tp`, `ep`, `moe_tp` and `padded_intermediate_size` at the top describe the first shape in
+    `shapes` (the contract's single-shape fields); `shapes` lists every shape in the folder.
+    """
+
+    format_version: int
+    profile: str
+    use_shuffled_weight: bool
+    weight_layout: int
+    source_kind: str
+    shapes: tuple[ShapeEntry, ...]
+    kernel: str = KERNEL_NAME
+    moe_runner_backend: str = MOE_RUNNER_BACKEND
+    tool_version: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        first = self.shapes[0]
+        return {
+            "format_version": self.format_version,
+            "tool_version": self.tool_version,
+            "profile": self.profile,
+            "tp": first.tp,
+            "ep": first.ep,
+            "moe_tp": first.moe_tp,
+            "padded_intermediate_size": first.padded_intermediate_size,
+            "use_shuffled_weight": self.use_shuffled_weight,
+            "weight_layout": self.weight_layout,
+            "kernel": self.kernel,
+            "moe_runner_backend": self.moe_runner_backend,
+            "source_kind": self.source_kind,
+            "shapes": [asdict(s) for s in self.shapes],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = CONFIG_NAME) -> "ConfigBlock":
+        if not isinstance(d, dict):
+            raise ConvertError(f"{where}: no {CONFIG_BLOCK_KEY!r} block: not a converted checkpoint")
+        try:
+            shapes = tuple(ShapeEntry(**s) for s in d["shapes"])
+            block = cls(
+                format_version=int(d["format_version"]),
+                profile=str(d["profile"]),
+                use_shuffled_weight=bool(d["use_shuffled_weight"]),
+                weight_layout=int(d["weight_layout"]),
+                source_kind=str(d["source_kind"]),
+                shapes=shapes,
+                kernel=str(d.get("kernel", KERNEL_NAME)),
+                moe_runner_backend=str(d.get("moe_runner_backend", MOE_RUNNER_BACKEND)),
+                tool_version=str(d.get("tool_version", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConvertError(f"{where}: malformed {CONFIG_BLOCK_KEY!r} block ({type(exc).__name__}: {exc})") from exc
+        if not shapes:
+            raise ConvertError(f"{where}: {CONFIG_BLOCK_KEY!r} block lists no shapes")
+        if block.format_version > FORMAT_VERSION:
+            raise ConvertError(
+                f"{where}: format version {block.format_version} is newer than this tool understands ({FORMAT_VERSION})"
+            )
+        return block
+
+    def shape(self, parallel: ParallelShape) -> ShapeEntry | None:
+        for s in self.shapes:
+            if (s.tp, s.ep) == (parallel.tp, parallel.ep):
+                return s
+        return None

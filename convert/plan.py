@@ -1,0 +1,224 @@
+"""The conversion plan: every output file and tensor, with shapes and byte offsets, before any byte moves.
+
+`build_plan` is pure: it looks at the source's headers and the requested (profile, tp, ep) and
+returns plain data. Executing the plan (convert.execute) is a separate loop that fills the
+planned byte ranges in order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from convert import model, output_format
+from convert.errors import ConvertError
+from convert.model import ModelShape
+from convert.output_format import ExpertTensorKind
+from convert.parallel import ParallelShape, RankGeometry
+from convert.profiles import Profile, RankTensorShapes
+from convert.safetensors_file import DTYPES, HeaderEntry, encode_header
+from convert.source import SourceCheckpoint
+
+EXPERT_DTYPES: dict[ExpertTensorKind, str] = {
+    "w13_weight": "F8_E4M3",
+    "w13_weight_scale_inv": "F32",
+    "w2_weight": "F8_E4M3",
+    "w2_weight_scale_inv": "F32",
+}
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of an output file: where it goes and where it comes from."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # within the file's data section
+    source: str | None = None  # pass-through tensors: the source tensor copied unchanged
+    layer: int | None = None  # expert tensors: layer and kind
+    kind: ExpertTensorKind | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One output safetensors file; `header` is final, so every tensor's file offset is known."""
+
+    path: str  # relative to the output folder
+    tensors: tuple[PlannedTensor, ...]
+    metadata: dict[str, str] = field(default_factory=dict)
+    rank: int | None = None
+    part: int | None = None
+    layers: tuple[int, ...] = ()
+
+    @property
+    def header(self) -> bytes:
+        return encode_header([HeaderEntry(t.name, t.dtype, t.shape, t.offset) for t in self.tensors], self.metadata)
+
+    @property
+    def data_size(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + self.data_size
+
+
+@dataclass(frozen=True)
+class PartGroup:
+    """Consecutive layers stored together: one part file per rank."""
+
+    part: int
+    layers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    profile: Profile
+    parallel: ParallelShape
+    model: ModelShape
+    source_kind: str
+    part_size: int
+    ranks: tuple[RankGeometry, ...]
+    rank_shapes: RankTensorShapes
+    shards: tuple[PlannedFile, ...]  # non-expert tensors, bytes unchanged
+    part_groups: tuple[PartGroup, ...]
+    expert_files: tuple[PlannedFile, ...]  # ordered by (part, rank)
+    auxiliary_files: tuple[str, ...]
+
+    def expert_file(self, rank: int, part: int) -> PlannedFile:
+        return self.expert_files[part * self.parallel.tp + rank]
+
+    @property
+    def files(self) -> tuple[PlannedFile, ...]:
+        return self.shards + self.expert_files
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def padded_intermediate_size(self) -> int:
+        return self.ranks[0].padded_intermediate_size
+
+
+def _pack_files(items: list[tuple[str, str, tuple[int, ...], str]], part_size: int) -> list[list[PlannedTensor]]:
+    """Greedy packing of (name, dtype, shape, source) into files of at most `part_size` bytes."""
+    files: list[list[PlannedTensor]] = [[]]
+    offset = 0
+    for name, dtype, shape, source in items:
+        nbytes = math.prod(shape) * DTYPES[dtype][1]
+        if files[-1] and offset + nbytes > part_size:
+            files.append([])
+            offset = 0
+        files[-1].append(PlannedTensor(name, dtype, shape, offset, source=source))
+        offset += nbytes
+    return files
+
+
+def _layer_sort_key(name: str) -> tuple[int, str]:
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+        return (int(parts[2]), name)
+    return (-1 if "embed" in name else 1 << 30, name)
+
+
+def plan_shards(source: SourceCheckpoint, part_size: int) -> tuple[PlannedFile, ...]:
+    names = sorted(source.non_expert_names(), key=_layer_sort_key)
+    items = [(n, source.tensors[n].dtype, source.tensors[n].shape, n) for n in names]
+    packed = _pack_files(items, part_size)
+    return tuple(
+        PlannedFile(output_format.shard_file_name(i, len(packed)), tuple(ts), {"format": "pt"})
+        for i, ts in enumerate(packed)
+    )
+
+
+def plan_part_groups(layer_bytes: int, num_layers: int, part_size: int) -> tuple[PartGroup, ...]:
+    """Whole layers per part, as many as fit in `part_size` (always at least one)."""
+    per_part = max(1, part_size // layer_bytes)
+    return tuple(
+        PartGroup(p, tuple(range(start, min(start + per_part, num_layers))))
+        for p, start in enumerate(range(0, num_layers, per_part))
+    )
+
+
+def build_plan(source: SourceCheckpoint, profile: Profile, parallel: ParallelShape, part_size: int) -> ConversionPlan:
+    """Everything the conversion will write, with offsets; refuses an impossible request up front."""
+    shape = source.shape
+    parallel.validate(shape)
+    if part_size <= 0:
+        raise ConvertError(f"part size must be positive, got {part_size}")
+    ranks = tuple(parallel.ranks(shape))
+    if ranks[0].padded_intermediate_size * parallel.moe_tp < shape.intermediate_size:
+        raise ConvertError(
+            f"moe_tp={parallel.moe_tp}: ranks of {ranks[0].padded_intermediate_size} rows cannot cover "
+            f"intermediate_size={shape.intermediate_size}"
+        )
+    rank_shapes = profile.shapes(shape.hidden_size, ranks[0])
+    kinds_and_shapes: tuple[tuple[ExpertTensorKind, tuple[int, ...]], ...] = (
+        ("w13_weight", rank_shapes.w13),
+        ("w13_weight_scale_inv", rank_shapes.w13_scale),
+        ("w2_weight", rank_shapes.w2),
+        ("w2_weight_scale_inv", rank_shapes.w2_scale),
+    )
+    layer_bytes = sum(math.prod(s) * DTYPES[EXPERT_DTYPES[k]][1] for k, s in kinds_and_shapes)
+    groups = plan_part_groups(layer_bytes, shape.num_layers, part_size)
+
+    expert_files = []
+    for group in groups:
+        for g in ranks:
+            tensors = []
+            offset = 0
+            for layer in group.layers:
+                for kind, kshape in kinds_and_shapes:
+                    t = PlannedTensor(
+                        output_format.expert_tensor_name(layer, kind), EXPERT_DTYPES[kind], kshape, offset, layer=layer, kind=kind
+                    )
+                    tensors.append(t)
+                    offset += t.nbytes
+            metadata = {
+                "format": "pt",
+                "mm_convert_profile": profile.name,
+                "tp": str(parallel.tp),
+                "ep": str(parallel.ep),
+                "rank": str(g.rank),
+                "moe_tp_rank": str(g.moe_tp_rank),
+                "moe_ep_rank": str(g.moe_ep_rank),
+                "local_expert_offset": str(g.first_expert),
+                "local_num_experts": str(g.num_local_experts),
+            }
+            expert_files.append(
+                PlannedFile(
+                    output_format.rank_part_file_name(parallel, g.rank, group.part),
+                    tuple(tensors),
+                    metadata,
+                    rank=g.rank,
+                    part=group.part,
+                    layers=group.layers,
+                )
+            )
+
+    return ConversionPlan(
+        profile=profile,
+        parallel=parallel,
+        model=shape,
+        source_kind=source.kind,
+        part_size=part_size,
+        ranks=ranks,
+        rank_shapes=rank_shapes,
+        shards=plan_shards(source, part_size),
+        part_groups=groups,
+        expert_files=tuple(expert_files),
+        auxiliary_files=tuple(source.auxiliary_files()),
+    )
+
+
+def expert_source_names(layer: int, expert: int) -> dict[str, str]:
+    """The source tensors one expert of one layer is built from."""
+    return {
+        proj: model.expert_weight_name(layer, expert, proj) for proj in model.PROJECTIONS
+    } | {f"{proj}_scale": model.expert_scale_name(layer, expert, proj) for proj in model.PROJECTIONS}

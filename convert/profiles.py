@@ -1,0 +1,252 @@
+"""Layout profiles: what "kernel-ready" means, as pure tensor functions with exact inverses.
+
+A profile maps a batch of source experts to one rank's kernel-ready tensors (SPEC section 4):
+
+- `sglang`: what SGLang's `flashinfer_trtllm_routed` backend holds after loading a 128x128
+  block-FP8 checkpoint. gemm1 rows are `[up (w3) ; gate (w1)]`, each half the rank's 128-padded
+  slice of intermediate rows; gemm2 takes the same slice of columns; padding is zero. Bytes are
+  copied, never converted. Kernel flags: unshuffled, MajorK.
+- `trtllm`: the `sglang` tensors, then TRT-LLM's row shuffle (`shuffle_matrix_a`, epilogue tile
+  64) and the BlockMajorK layout (`convert_to_block_layout`, block 128) on the weights; scales
+  untouched. Kernel flags: shuffled, BlockMajorK.
+
+Every function here is pure (no I/O) and works on batches `[n, ...]` of experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from convert.errors import ConvertError
+from convert.model import QUANT_BLOCK
+from convert.parallel import RankGeometry
+
+EPILOGUE_TILE_M = 64
+BLOCK_K = QUANT_BLOCK
+WEIGHT_LAYOUT_MAJOR_K = 0
+WEIGHT_LAYOUT_BLOCK_MAJOR_K = 2
+
+
+@dataclass(frozen=True)
+class GateUp:
+    """gemm1 inputs for a batch of experts, in source layout: `[n, rows, H]` and their scales."""
+
+    gate: torch.Tensor  # w1
+    up: torch.Tensor  # w3
+    gate_scale: torch.Tensor
+    up_scale: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Down:
+    """gemm2 inputs for a batch of experts, in source layout: `[n, H, cols]` and its scales."""
+
+    weight: torch.Tensor  # w2
+    scale: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Packed:
+    """One rank's kernel-ready weight and scale for a batch of its local experts."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+
+
+@dataclass(frozen=True)
+class KernelFlags:
+    use_shuffled_weight: bool
+    weight_layout: int
+
+
+@dataclass(frozen=True)
+class RankTensorShapes:
+    """Shapes of one rank's four expert tensors for one layer."""
+
+    w13: tuple[int, ...]
+    w13_scale: tuple[int, int, int]
+    w2: tuple[int, ...]
+    w2_scale: tuple[int, int, int]
+
+
+# -- byte-level helpers ----------------------------------------------------------------------
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """Move fp8 data as raw bytes: indexing and copying bytes never rounds or canonicalises."""
+    return t.view(torch.uint8) if t.element_size() == 1 and t.dtype != torch.uint8 else t
+
+
+def _like(t: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    return t.view(reference.dtype) if t.dtype != reference.dtype else t
+
+
+# -- sglang ------------------------------------------------------------------------------------
+
+
+def sglang_pack_gate_up(src: GateUp, g: RankGeometry) -> Packed:
+    n, _, hidden = src.gate.shape
+    ip, real = g.padded_intermediate_size, g.real_rows
+    rows = slice(g.row_start, g.row_start + real)
+    weight = torch.zeros((n, 2 * ip, hidden), dtype=torch.uint8, device=src.gate.device)
+    weight[:, :real] = _bytes(src.up)[:, rows]
+    weight[:, ip : ip + real] = _bytes(src.gate)[:, rows]
+
+    ipb, real_b = g.padded_scale_rows, g.real_scale_rows
+    blocks = slice(g.scale_row_start, g.scale_row_start + real_b)
+    scale = torch.zeros((n, 2 * ipb, src.gate_scale.shape[-1]), dtype=torch.float32, device=src.gate.device)
+    scale[:, :real_b] = src.up_scale[:, blocks]
+    scale[:, ipb : ipb + real_b] = src.gate_scale[:, blocks]
+    return Packed(_like(weight, src.gate), scale)
+
+
+def sglang_unpack_gate_up(p: Packed, g: RankGeometry) -> GateUp:
+    """The source rows this rank holds (its real rows only; padding is dropped)."""
+    ip, real = g.padded_intermediate_size, g.real_rows
+    ipb, real_b = g.padded_scale_rows, g.real_scale_rows
+    return GateUp(
+        gate=p.weight[:, ip : ip + real],
+        up=p.weight[:, :real],
+        gate_scale=p.scale[:, ipb : ipb + real_b],
+        up_scale=p.scale[:, :real_b],
+    )
+
+
+def sglang_pack_down(src: Down, g: RankGeometry) -> Packed:
+    n, hidden, _ = src.weight.shape
+    ip, real = g.padded_intermediate_size, g.real_rows
+    weight = torch.zeros((n, hidden, ip), dtype=torch.uint8, device=src.weight.device)
+    weight[:, :, :real] = _bytes(src.weight)[:, :, g.row_start : g.row_start + real]
+
+    ipb, real_b = g.padded_scale_rows, g.real_scale_rows
+    scale = torch.zeros((n, src.scale.shape[1], ipb), dtype=torch.float32, device=src.weight.device)
+    scale[:, :, :real_b] = src.scale[:, :, g.scale_row_start : g.scale_row_start + real_b]
+    return Packed(_like(weight, src.weight), scale)
+
+
+def sglang_unpack_down(p: Packed, g: RankGeometry) -> Down:
+    return Down(weight=p.weight[:, :, : g.real_rows], scale=p.scale[:, :, : g.real_scale_rows])
+
+
+def sglang_shapes(hidden: int, g: RankGeometry) -> RankTensorShapes:
+    e, ip = g.num_local_experts, g.padded_intermediate_size
+    hb, ipb = hidden // QUANT_BLOCK, ip // QUANT_BLOCK
+    return RankTensorShapes(w13=(e, 2 * ip, hidden), w13_scale=(e, 2 * ipb, hb), w2=(e, hidden, ip), w2_scale=(e, hb, ipb))
+
+
+# -- trtllm: TRT-LLM row shuffle + BlockMajorK -------------------------------------------------
+
+
+def shuffle_row_indices(rows: int, epilogue_tile_m: int = EPILOGUE_TILE_M) -> torch.Tensor:
+    """Row permutation of TRT-LLM's `shuffleMatrixA`: `out[j] = in[perm[j]]`.
+
+    Within each block of 16 rows (32 when the epilogue tile is a multiple of 128), source row
+    `i` lands at `i // g + 8 * (i % g)`, `g = block / 8`: the rows one epilogue thread group
+    stores are made adjacent.
+    """
+    block = 32 if epilogue_tile_m % 128 == 0 else 16
+    if rows % block:
+        raise ValueError(f"shuffle needs a multiple of {block} rows, got {rows}")
+    groups = block // 8
+    src = torch.arange(rows)
+    within = src % block
+    dst = src - within + within // groups + 8 * (within % groups)
+    perm = torch.empty(rows, dtype=torch.long)
+    perm[dst] = src
+    return perm
+
+
+def to_block_major_shuffled(w: torch.Tensor) -> torch.Tensor:
+    """`[n, M, K]` MajorK weights -> row-shuffled BlockMajorK `[n, K/128, M, 128]`."""
+    n, m, k = w.shape
+    perm = shuffle_row_indices(m).to(w.device)
+    shuffled = _bytes(w).index_select(1, perm)
+    return _like(shuffled.reshape(n, m, k // BLOCK_K, BLOCK_K).permute(0, 2, 1, 3).contiguous(), w)
+
+
+def from_block_major_shuffled(w: torch.Tensor) -> torch.Tensor:
+    """Inverse of `to_block_major_shuffled`: `[n, K/128, M, 128]` -> `[n, M, K]`."""
+    n, kb, m, bk = w.shape
+    major_k = _bytes(w).permute(0, 2, 1, 3).reshape(n, m, kb * bk)
+    inverse = torch.argsort(shuffle_row_indices(m)).to(w.device)
+    return _like(major_k.index_select(1, inverse).contiguous(), w)
+
+
+def trtllm_pack_gate_up(src: GateUp, g: RankGeometry) -> Packed:
+    p = sglang_pack_gate_up(src, g)
+    return Packed(to_block_major_shuffled(p.weight), p.scale)
+
+
+def trtllm_unpack_gate_up(p: Packed, g: RankGeometry) -> GateUp:
+    return sglang_unpack_gate_up(Packed(from_block_major_shuffled(p.weight), p.scale), g)
+
+
+def trtllm_pack_down(src: Down, g: RankGeometry) -> Packed:
+    p = sglang_pack_down(src, g)
+    return Packed(to_block_major_shuffled(p.weight), p.scale)
+
+
+def trtllm_unpack_down(p: Packed, g: RankGeometry) -> Down:
+    return sglang_unpack_down(Packed(from_block_major_shuffled(p.weight), p.scale), g)
+
+
+def trtllm_shapes(hidden: int, g: RankGeometry) -> RankTensorShapes:
+    s = sglang_shapes(hidden, g)
+    e, ip = g.num_local_experts, g.padded_intermediate_size
+    return RankTensorShapes(
+        w13=(e, hidden // BLOCK_K, 2 * ip, BLOCK_K), w13_scale=s.w13_scale, w2=(e, ip // BLOCK_K, hidden, BLOCK_K), w2_scale=s.w2_scale
+    )
+
+
+# -- the registry --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    flags: KernelFlags
+    pack_gate_up: Callable[[GateUp, RankGeometry], Packed]
+    unpack_gate_up: Callable[[Packed, RankGeometry], GateUp]
+    pack_down: Callable[[Down, RankGeometry], Packed]
+    unpack_down: Callable[[Packed, RankGeometry], Down]
+    shapes: Callable[[int, RankGeometry], RankTensorShapes]
+    # Undo only the weight re-layout, giving back the sglang (MajorK, unshuffled) tensor.
+    to_major_k: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+PROFILES: dict[str, Profile] = {
+    "sglang": Profile(
+        name="sglang",
+        flags=KernelFlags(use_shuffled_weight=False, weight_layout=WEIGHT_LAYOUT_MAJOR_K),
+        pack_gate_up=sglang_pack_gate_up,
+        unpack_gate_up=sglang_unpack_gate_up,
+        pack_down=sglang_pack_down,
+        unpack_down=sglang_unpack_down,
+        shapes=sglang_shapes,
+        to_major_k=_identity,
+    ),
+    "trtllm": Profile(
+        name="trtllm",
+        flags=KernelFlags(use_shuffled_weight=True, weight_layout=WEIGHT_LAYOUT_BLOCK_MAJOR_K),
+        pack_gate_up=trtllm_pack_gate_up,
+        unpack_gate_up=trtllm_unpack_gate_up,
+        pack_down=trtllm_pack_down,
+        unpack_down=trtllm_unpack_down,
+        shapes=trtllm_shapes,
+        to_major_k=from_block_major_shuffled,
+    ),
+}
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ConvertError(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)}") from None

@@ -1,0 +1,202 @@
+"""Recipes: one TOML file per deployment shape, read by `convert --recipe` and `run`.
+
+```toml
+name = "minimax-m2.5-tp4"
+[source]    repo_id, revision (a pinned commit) | path (a local folder) | tiny = {dtype, seed}
+[convert]   profile, tp, ep, part_size ("5GB" or bytes), device, output
+[validate]  enabled, kernel, layers ("auto" or a list), tokens, seed
+[publish]   enabled, repo_id, private, revision (a branch)
+```
+Unknown keys are refused, so a typo never silently falls back to a default. Relative paths are
+resolved against the current directory.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from convert.errors import ConvertError
+from convert.output_format import DEFAULT_PART_SIZE
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+KERNELS = ("auto", "reference", "triton", "cutlass", "trtllm")
+
+
+def parse_size(value: Any, what: str = "size") -> int:
+    """`5GB`, `500MB`, `2GiB` or a plain number of bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        m = _SIZE_RE.match(str(value))
+        if not m:
+            raise ConvertError(f"{what}: cannot read {value!r} as a size (e.g. 5GB, 500MB, 2GiB)")
+        n = int(float(m[1]) * _UNITS[(m[2] or "B").upper()])
+    if n <= 0:
+        raise ConvertError(f"{what}: must be positive, got {value!r}")
+    return n
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    repo_id: str | None = None
+    revision: str | None = None
+    path: str | None = None
+    tiny_dtype: str | None = None
+    tiny_seed: int = 0
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.tiny_dtype is not None
+
+
+@dataclass(frozen=True)
+class ConvertSpec:
+    profile: str = "sglang"
+    tp: int = 1
+    ep: int = 1
+    part_size: int = DEFAULT_PART_SIZE
+    device: str = "cpu"
+    output: str | None = None
+
+
+@dataclass(frozen=True)
+class ValidateSpec:
+    enabled: bool = True
+    kernel: str = "auto"
+    layers: tuple[int, ...] | None = None  # None: a spread including the first and last layer
+    tokens: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PublishSpec:
+    enabled: bool = False
+    repo_id: str | None = None
+    private: bool = True
+    revision: str = "main"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    path: Path | None = None
+    source: SourceSpec = field(default_factory=SourceSpec)
+    convert: ConvertSpec = field(default_factory=ConvertSpec)
+    validate: ValidateSpec = field(default_factory=ValidateSpec)
+    publish: PublishSpec = field(default_factory=PublishSpec)
+    work_dir: str | None = None  # where downloads and tiny sources go; default: ./mm-convert-work/<name>
+
+    @property
+    def work_path(self) -> Path:
+        return Path(self.work_dir or f"mm-convert-work/{self.name}")
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.convert.output) if self.convert.output else self.work_path / "out"
+
+
+def _check_keys(table: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConvertError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _typed(table: dict, key: str, kind: type | tuple[type, ...], where: str, default: Any) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConvertError(f"{where}: {key} = {value!r} has the wrong type")
+    return value
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConvertError(f"{path}: recipe not found") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConvertError(f"{path}: not a readable TOML recipe ({exc})") from exc
+    where = str(path)
+    _check_keys(data, {"name", "work_dir", "source", "convert", "validate", "publish"}, where)
+
+    src = data.get("source", {})
+    _check_keys(src, {"repo_id", "revision", "path", "tiny"}, f"{where} [source]")
+    tiny = src.get("tiny")
+    if tiny is not None and not isinstance(tiny, dict):
+        raise ConvertError(f"{where} [source]: tiny must be a table, e.g. tiny = {{ dtype = \"fp8\", seed = 0 }}")
+    if tiny is not None:
+        _check_keys(tiny, {"dtype", "seed"}, f"{where} [source.tiny]")
+    source = SourceSpec(
+        repo_id=_typed(src, "repo_id", str, where, None),
+        revision=_typed(src, "revision", str, where, None),
+        path=_typed(src, "path", str, where, None),
+        tiny_dtype=_typed(tiny, "dtype", str, where, "fp8") if tiny is not None else None,
+        tiny_seed=_typed(tiny, "seed", int, where, 0) if tiny is not None else 0,
+    )
+    chosen = [k for k, v in (("repo_id", source.repo_id), ("path", source.path), ("tiny", tiny)) if v is not None]
+    if len(chosen) != 1:
+        raise ConvertError(f"{where} [source]: give exactly one of repo_id, path or tiny (got {chosen or 'none'})")
+
+    conv = data.get("convert", {})
+    _check_keys(conv, {f.name for f in fields(ConvertSpec)}, f"{where} [convert]")
+    convert = ConvertSpec(
+        profile=_typed(conv, "profile", str, where, "sglang"),
+        tp=_typed(conv, "tp", int, where, 1),
+        ep=_typed(conv, "ep", int, where, 1),
+        part_size=parse_size(conv.get("part_size", DEFAULT_PART_SIZE), f"{where} [convert] part_size"),
+        device=_typed(conv, "device", str, where, "cpu"),
+        output=_typed(conv, "output", str, where, None),
+    )
+
+    val = data.get("validate", {})
+    _check_keys(val, {f.name for f in fields(ValidateSpec)}, f"{where} [validate]")
+    layers = val.get("layers", "auto")
+    if layers == "auto":
+        layers_t = None
+    elif isinstance(layers, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+        layers_t = tuple(layers)
+    else:
+        raise ConvertError(f"{where} [validate]: layers must be \"auto\" or a list of layer numbers")
+    kernel = _typed(val, "kernel", str, where, "auto")
+    if kernel not in KERNELS:
+        raise ConvertError(f"{where} [validate]: kernel {kernel!r} is not one of {', '.join(KERNELS)}")
+    validate = ValidateSpec(
+        enabled=_typed(val, "enabled", bool, where, True),
+        kernel=kernel,
+        layers=layers_t,
+        tokens=_typed(val, "tokens", int, where, 64),
+        seed=_typed(val, "seed", int, where, 0),
+    )
+
+    pub = data.get("publish", {})
+    _check_keys(pub, {f.name for f in fields(PublishSpec)}, f"{where} [publish]")
+    publish = PublishSpec(
+        enabled=_typed(pub, "enabled", bool, where, False),
+        repo_id=_typed(pub, "repo_id", str, where, None),
+        private=_typed(pub, "private", bool, where, True),
+        revision=_typed(pub, "revision", str, where, "main"),
+    )
+    if publish.enabled and not publish.repo_id:
+        raise ConvertError(f"{where} [publish]: enabled but no repo_id")
+
+    return Recipe(
+        name=_typed(data, "name", str, where, path.stem),
+        path=path,
+        source=source,
+        convert=convert,
+        validate=validate,
+        publish=publish,
+        work_dir=_typed(data, "work_dir", str, where, None),
+    )
+
+
+def override(spec: ConvertSpec, **flags: Any) -> ConvertSpec:
+    """Command-line flags win over the recipe; a flag left unset (None) keeps the recipe's value."""
+    return replace(spec, **{k: v for k, v in flags.items() if v is not None})

@@ -1,0 +1,230 @@
+"""The safetensors file format: strict header parsing and header encoding.
+
+A safetensors file is `u64 little-endian header length | JSON header | data`. Checkpoints from
+the Hub are untrusted input, so the header is checked as strictly as the reference library does
+(and a little more): every error names the file and, where there is one, the tensor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from convert.errors import ConvertError
+
+# The reference implementation refuses headers above 100 MB; so do we, before reading them.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_RANK = 8
+HEADER_ALIGNMENT = 8
+
+# safetensors dtype name -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+    "BF16": (torch.bfloat16, 2),
+    "F16": (torch.float16, 2),
+    "F32": (torch.float32, 4),
+    "F64": (torch.float64, 8),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "I16": (torch.int16, 2),
+    "I32": (torch.int32, 4),
+    "I64": (torch.int64, 8),
+    "BOOL": (torch.bool, 1),
+}
+TORCH_TO_NAME = {dt: name for name, (dt, _) in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes sit in a file, as its header says (already validated)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][0]
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    path: Path
+    tensors: tuple[TensorInfo, ...]
+    metadata: dict[str, str] | None
+    header_bytes: int  # length of the JSON header, without the 8-byte length prefix
+    header_sha256: str
+    file_size: int
+
+
+def _reject_duplicate_keys(path: Path):
+    def hook(pairs):
+        seen: dict = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ConvertError(f"{path}: header lists tensor {key!r} twice")
+            seen[key] = value
+        return seen
+
+    return hook
+
+
+def read_header(path: Path) -> SafetensorsHeader:
+    """Parse and validate a safetensors header without reading any tensor data."""
+    path = Path(path)
+    try:
+        file_size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ConvertError(f"{path}: truncated safetensors file ({file_size} bytes, no header length)")
+            header_len = int.from_bytes(prefix, "little")
+            if header_len > MAX_HEADER_BYTES:
+                raise ConvertError(f"{path}: header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
+            if 8 + header_len > file_size:
+                raise ConvertError(
+                    f"{path}: header length {header_len} runs past the end of the file ({file_size} bytes)"
+                )
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise ConvertError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys(path))
+    except ConvertError:
+        raise
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ConvertError(f"{path}: header is not valid JSON ({type(exc).__name__})") from exc
+    if not isinstance(obj, dict):
+        raise ConvertError(f"{path}: header is not a JSON object")
+
+    metadata = obj.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise ConvertError(f"{path}: __metadata__ must map strings to strings")
+
+    data_start = 8 + header_len
+    data_size = file_size - data_start
+    tensors = [_parse_entry(path, name, entry, data_start, data_size) for name, entry in obj.items()]
+
+    # Like the reference loader: tensors must tile the data section exactly, no overlap, no gap.
+    cursor = 0
+    previous = None
+    for info in sorted(tensors, key=lambda t: (t.start, t.nbytes)):
+        begin = info.start - data_start
+        if begin < cursor:
+            raise ConvertError(f"{path}: tensor {info.name} overlaps tensor {previous} in the data section")
+        if begin > cursor:
+            raise ConvertError(f"{path}: tensor {info.name} starts at data byte {begin}, leaving a gap after {cursor}")
+        cursor = begin + info.nbytes
+        previous = info.name
+    if cursor != data_size:
+        raise ConvertError(f"{path}: {data_size - cursor} unexpected bytes after the last tensor")
+
+    return SafetensorsHeader(
+        path=path,
+        tensors=tuple(tensors),
+        metadata=metadata,
+        header_bytes=header_len,
+        header_sha256=hashlib.sha256(raw).hexdigest(),
+        file_size=file_size,
+    )
+
+
+def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise ConvertError(f"{path}: tensor {name}: header entry is not an object")
+    dtype = entry.get("dtype")
+    shape = entry.get("shape")
+    offsets = entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise ConvertError(f"{path}: tensor {name}: unsupported dtype {dtype!r}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_RANK
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise ConvertError(f"{path}: tensor {name}: shape {shape!r} is not a list of non-negative integers")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise ConvertError(f"{path}: tensor {name}: data_offsets {offsets!r} are not [begin, end] with begin <= end")
+    begin, end = offsets
+    expected = math.prod(shape) * DTYPES[dtype][1]
+    if end - begin != expected:
+        raise ConvertError(
+            f"{path}: tensor {name}: dtype {dtype} and shape {shape} need {expected} bytes "
+            f"but its offsets span {end - begin}"
+        )
+    if end > data_size:
+        raise ConvertError(
+            f"{path}: tensor {name} ends at data byte {end}, past the end of the file "
+            f"({data_size} data bytes): the file is truncated or corrupt"
+        )
+    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    """One tensor as it will be written: its dtype, shape and byte range in the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+def encode_header(entries: list[HeaderEntry] | tuple[HeaderEntry, ...], metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length prefix plus the JSON header, padded with spaces to 8-byte alignment.
+
+    Entries must already tile the data section (the plan computes offsets before any byte moves).
+    """
+    obj: dict[str, object] = {}
+    if metadata:
+        obj["__metadata__"] = metadata
+    for e in entries:
+        obj[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.offset, e.offset + e.nbytes]}
+    text = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % HEADER_ALIGNMENT)
+    return len(text).to_bytes(8, "little") + text
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's storage, without copying (no numpy needed)."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError("tensor_bytes needs a contiguous CPU tensor")
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(b"")
+    array = (ctypes.c_char * n).from_address(t.data_ptr())
+    array._owner = t  # the view keeps the tensor (and so its storage) alive
+    return memoryview(array).cast("B")
+
+
+def pread_into(fd: int, view: memoryview, offset: int, path: Path, name: str) -> None:
+    """Fill `view` with bytes from `fd` at `offset`; a short file is an error naming the tensor."""
+    done = 0
+    total = len(view)
+    while done < total:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise ConvertError(f"{path}: tensor {name}: file ended after {done} of {total} bytes")
+        done += n

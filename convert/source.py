@@ -1,0 +1,307 @@
+"""A MiniMax-M2 checkpoint on disk: its index, its headers, lazy access to its tensors.
+
+Opening a source reads only the config, the index and the safetensors headers; every check that
+can be made without reading tensor data is made here, before any output is written.
+Tensor bytes are read on demand with positioned reads, so nothing holds the whole model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+
+from convert import model
+from convert.errors import ConvertError
+from convert.model import ModelShape
+from convert.safetensors_file import TensorInfo, pread_into, read_header, tensor_bytes
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_FILE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+QUANTISABLE_DTYPES = ("BF16", "F16", "F32")
+
+SourceKind = Literal["fp8", "bf16"]
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """Identity of one source shard: enough to notice that it changed without hashing 230 GB."""
+
+    name: str
+    size: int
+    mtime_ns: int
+    header_sha256: str
+
+
+class SourceCheckpoint:
+    """A validated, lazily read MiniMax-M2 safetensors checkpoint directory."""
+
+    def __init__(
+        self,
+        root: Path,
+        config: dict,
+        shape: ModelShape,
+        tensors: dict[str, TensorInfo],
+        files: tuple[SourceFile, ...],
+        kind: SourceKind,
+        expert_dtype: str,
+    ):
+        self.root = root
+        self.config = config
+        self.shape = shape
+        self.tensors = tensors
+        self.files = files
+        self.kind = kind
+        self.expert_dtype = expert_dtype
+        self._fds: dict[Path, int] = {}
+
+    # -- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> "SourceCheckpoint":
+        root = Path(root)
+        if not root.is_dir():
+            raise ConvertError(f"{root}: source is not a directory")
+        root = root.resolve()
+        config_path = root / "config.json"
+        config = _read_json(config_path)
+        shape = model.read_model_shape(config, str(config_path))
+
+        index_map = _index_weight_map(root)
+        shard_names = _shard_names(root, index_map)
+        tensors: dict[str, TensorInfo] = {}
+        files = []
+        for name in shard_names:
+            path = _inside(root, name, INDEX_NAME)
+            header = read_header(path)
+            st = path.stat()
+            files.append(SourceFile(name, header.file_size, st.st_mtime_ns, header.header_sha256))
+            for info in header.tensors:
+                if info.name in tensors:
+                    raise ConvertError(
+                        f"{path}: tensor {info.name} also appears in {tensors[info.name].path.name}"
+                    )
+                tensors[info.name] = info
+
+        if index_map is not None:
+            for tensor_name, file_name in index_map.items():
+                info = tensors.get(tensor_name)
+                if info is None:
+                    raise ConvertError(f"{root / file_name}: tensor {tensor_name} is in the index but not in the file")
+                if info.path.name != Path(file_name).name:
+                    raise ConvertError(
+                        f"{root / INDEX_NAME}: tensor {tensor_name} is indexed in {file_name} but stored in {info.path.name}"
+                    )
+
+        kind, expert_dtype = _check_experts(shape, tensors, config_path)
+        _check_router(shape, tensors)
+        return cls(root, config, shape, tensors, tuple(files), kind, expert_dtype)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise ConvertError(f"{self.root}: missing tensor {name}") from None
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise ConvertError(f"{path}: cannot open: {exc.strerror}") from exc
+            self._fds[path] = fd
+        return fd
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Copy a tensor's raw bytes into `out` (a contiguous CPU tensor of exactly that many bytes)."""
+        info = self.info(name)
+        view = tensor_bytes(out)
+        if len(view) != info.nbytes:
+            raise ValueError(f"{name}: buffer holds {len(view)} bytes, tensor has {info.nbytes}")
+        pread_into(self._fd(info.path), view, info.start, info.path, name)
+
+    def read_chunks(self, name: str, buffer: torch.Tensor) -> Iterator[memoryview]:
+        """A tensor's raw bytes, in successive pieces read into `buffer` (reused between pieces)."""
+        info = self.info(name)
+        view = tensor_bytes(buffer)
+        fd = self._fd(info.path)
+        for done in range(0, info.nbytes, len(view)):
+            n = min(len(view), info.nbytes - done)
+            pread_into(fd, view[:n], info.start + done, info.path, name)
+            yield view[:n]
+
+    def read(self, name: str) -> torch.Tensor:
+        """A tensor with its own dtype and shape, freshly read from disk."""
+        info = self.info(name)
+        out = torch.empty(info.shape, dtype=info.torch_dtype)
+        self.read_into(name, out)
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "SourceCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- what it holds --------------------------------------------------------------------------
+
+    def is_expert(self, name: str) -> bool:
+        return model.parse_expert_name(name) is not None
+
+    def non_expert_names(self) -> list[str]:
+        return [n for n in self.tensors if not self.is_expert(n)]
+
+    def expert_bytes(self) -> int:
+        return sum(i.nbytes for n, i in self.tensors.items() if self.is_expert(n))
+
+    def auxiliary_files(self) -> list[str]:
+        """Tokenizer, generation config, chat template, licence and remote-code files to copy."""
+        found = []
+        for entry in sorted(self.root.iterdir()):
+            if entry.is_file() and any(fnmatch.fnmatch(entry.name, p) for p in model.AUXILIARY_FILE_PATTERNS):
+                _inside(self.root, entry.name, "the source folder")
+                found.append(entry.name)
+        return found
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConvertError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConvertError(f"{path}: not readable JSON ({type(exc).__name__})") from exc
+    if not isinstance(obj, dict):
+        raise ConvertError(f"{path}: not a JSON object")
+    return obj
+
+
+def _inside(root: Path, name: str, referrer: str) -> Path:
+    """Resolve a file name from the source and refuse anything that escapes the source folder."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise ConvertError(f"{root}: {referrer} names {name!r}, which is outside the source folder")
+    path = root / name
+    resolved = path.resolve()
+    if resolved != root and root not in resolved.parents:
+        raise ConvertError(f"{path}: {referrer} names a file that resolves outside the source folder ({resolved})")
+    if not resolved.is_file():
+        raise ConvertError(f"{path}: named by {referrer} but missing")
+    return path
+
+
+def _index_weight_map(root: Path) -> dict[str, str] | None:
+    index_path = root / INDEX_NAME
+    if not index_path.exists():
+        return None
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise ConvertError(f"{index_path}: weight_map must map tensor names to file names")
+    return weight_map
+
+
+def _shard_names(root: Path, weight_map: dict[str, str] | None) -> list[str]:
+    if weight_map is not None:
+        names = sorted(set(weight_map.values()))
+        if not names:
+            raise ConvertError(f"{root / INDEX_NAME}: weight_map is empty")
+        for name in names:
+            _inside(root, name, INDEX_NAME)
+        return names
+    if (root / SINGLE_FILE_NAME).exists():
+        _inside(root, SINGLE_FILE_NAME, "the source folder")
+        return [SINGLE_FILE_NAME]
+    pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ConvertError(
+            f"{root / pickles[0]}: pickle checkpoints are never loaded (they can run code); "
+            "use a safetensors source (model.safetensors or model.safetensors.index.json)"
+        )
+    raise ConvertError(f"{root}: no {INDEX_NAME} or {SINGLE_FILE_NAME}")
+
+
+def _check_experts(shape: ModelShape, tensors: dict[str, TensorInfo], config_path: Path) -> tuple[SourceKind, str]:
+    """Every routed expert present exactly as the config says; one weight dtype; scales iff FP8."""
+    dtypes: set[str] = set()
+    for name, info in tensors.items():
+        parsed = model.parse_expert_name(name)
+        if parsed is None:
+            continue
+        if parsed.layer >= shape.num_layers or parsed.expert >= shape.num_experts:
+            raise ConvertError(
+                f"{info.path}: tensor {name} is outside the config "
+                f"(num_hidden_layers={shape.num_layers}, num_local_experts={shape.num_experts}; {config_path})"
+            )
+        if not parsed.is_scale:
+            dtypes.add(info.dtype)
+    if not dtypes:
+        raise ConvertError(f"{config_path}: the checkpoint has no routed-expert tensors")
+    if len(dtypes) > 1:
+        raise ConvertError(f"{config_path}: routed experts mix dtypes {sorted(dtypes)}")
+    (dtype,) = dtypes
+    if dtype == "F8_E4M3":
+        kind: SourceKind = "fp8"
+    elif dtype in QUANTISABLE_DTYPES:
+        kind = "bf16"
+    else:
+        raise ConvertError(f"{config_path}: routed experts have unsupported dtype {dtype} (need F8_E4M3, BF16, F16 or F32)")
+
+    for layer in range(shape.num_layers):
+        for expert in range(shape.num_experts):
+            for proj, wshape in shape.expert_weight_shapes.items():
+                wname = model.expert_weight_name(layer, expert, proj)
+                info = tensors.get(wname)
+                if info is None:
+                    raise ConvertError(f"{config_path}: missing tensor {wname}")
+                if info.shape != wshape:
+                    raise ConvertError(
+                        f"{info.path}: tensor {wname} has shape {list(info.shape)}, the config implies {list(wshape)}"
+                    )
+                sname = model.expert_scale_name(layer, expert, proj)
+                sinfo = tensors.get(sname)
+                if kind == "fp8":
+                    if sinfo is None:
+                        raise ConvertError(f"{info.path}: missing tensor {sname} (the scale of an FP8 weight)")
+                    want = model.scale_shape(wshape)
+                    if sinfo.shape != want or sinfo.dtype != "F32":
+                        raise ConvertError(
+                            f"{sinfo.path}: tensor {sname} is {sinfo.dtype} {list(sinfo.shape)}, "
+                            f"expected F32 {list(want)} (128x128 blocks)"
+                        )
+                elif sinfo is not None:
+                    raise ConvertError(f"{sinfo.path}: tensor {sname} is a scale for a {dtype} weight")
+    return kind, dtype
+
+
+def _check_router(shape: ModelShape, tensors: dict[str, TensorInfo]) -> None:
+    for layer in range(shape.num_layers):
+        for name, want in (
+            (model.router_weight_name(layer), (shape.num_experts, shape.hidden_size)),
+            (model.router_bias_name(layer), (shape.num_experts,)),
+        ):
+            info = tensors.get(name)
+            if info is None:
+                raise ConvertError(f"missing tensor {name} (the router of layer {layer})")
+            if info.shape != want:
+                raise ConvertError(
+                    f"{info.path}: tensor {name} has shape {list(info.shape)}, the config implies {list(want)}"
+                )
+            if info.dtype not in ("F32", "BF16", "F16"):
+                raise ConvertError(f"{info.path}: tensor {name} has unsupported dtype {info.dtype}")
+

@@ -1,0 +1,274 @@
+"""Writing output files so that nothing half-written ever carries a final name.
+
+A conversion works inside `OUT/.mm-convert/` (output_format.WORK_DIR):
+
+- `lock`: held (flock) for the whole run; a second conversion into the same folder is refused.
+- `fingerprint.json`: what this conversion is (source identity, recipe, profile, shape, tool
+  version); a rerun with a different fingerprint is refused unless asked to start over.
+- `staging/<path>.partial`: a file being written, hashed as it is written (no second pass).
+- `staging/<path>`: a finished file: flushed, fsynced, renamed, then recorded in
+- `journal.jsonl`: one line per finished file (path, size, sha256), fsynced.
+
+When every file is staged, `commit` moves them to their final names; the manifest is written last.
+A rerun after a crash keeps staged files whose bytes still match the journal and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from convert.errors import ConvertError
+from convert.output_format import WORK_DIR
+
+PARTIAL_SUFFIX = ".partial"
+HASH_CHUNK = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """A finished output file: its path relative to the output folder, size and sha256."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+            if on_bytes:
+                on_bytes(len(chunk))
+    return h.hexdigest()
+
+
+def _write_error(path: Path, exc: OSError) -> ConvertError:
+    reason = "the disk is full" if exc.errno in (28, 27, 122) else (exc.strerror or str(exc))
+    return ConvertError(f"{path}: write failed: {reason}; finished files are kept and a rerun resumes")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a small file under a temporary name, fsync it, then give it its final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, exc) from exc
+
+
+class StagedFile:
+    """One output file written front to back, hashed on the way, renamed only when complete."""
+
+    def __init__(self, work: "WorkDir", rel_path: str, expected_size: int | None = None):
+        self.work = work
+        self.rel_path = rel_path
+        self.final = work.staged_path(rel_path)
+        self.partial = self.final.with_name(self.final.name + PARTIAL_SUFFIX)
+        self.expected_size = expected_size
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self._hash = hashlib.sha256()
+        self._written = 0
+        try:
+            self._f = open(self.partial, "wb")
+        except OSError as exc:
+            raise _write_error(self.partial, exc) from exc
+
+    @property
+    def written(self) -> int:
+        return self._written
+
+    def write(self, data: bytes | memoryview) -> None:
+        try:
+            self._f.write(data)
+        except OSError as exc:
+            self.abort()
+            raise _write_error(self.partial, exc) from exc
+        self._hash.update(data)
+        self._written += len(data)
+
+    def finish(self) -> FileRecord:
+        if self.expected_size is not None and self._written != self.expected_size:
+            self.abort()
+            raise ConvertError(f"{self.partial}: wrote {self._written} bytes, planned {self.expected_size}")
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            os.replace(self.partial, self.final)
+            fsync_dir(self.final.parent)
+        except OSError as exc:
+            self.abort()
+            raise _write_error(self.partial, exc) from exc
+        record = FileRecord(self.rel_path, self._written, self._hash.hexdigest())
+        self.work.record(record)
+        return record
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        self.partial.unlink(missing_ok=True)
+
+
+class WorkDir:
+    """The hidden work area of one conversion into an output folder (see the module docstring)."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.root = out / WORK_DIR
+        self.staging = self.root / "staging"
+        self.journal_path = self.root / "journal.jsonl"
+        self.fingerprint_path = self.root / "fingerprint.json"
+        self._lock_fd: int | None = None
+
+    # -- locking ---------------------------------------------------------------------------------
+
+    def acquire(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _write_error(self.root, exc) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConvertError(f"{self.out}: another conversion is writing into this folder (lock held)") from None
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- fingerprint -------------------------------------------------------------------------------
+
+    def check_fingerprint(self, fingerprint: dict[str, Any], overwrite: bool) -> None:
+        """Start fresh, resume a matching run, or refuse (saying what differs) unless overwriting."""
+        if self.fingerprint_path.exists():
+            try:
+                previous = json.loads(self.fingerprint_path.read_text())
+            except (OSError, json.JSONDecodeError):
+                previous = None
+            if previous != fingerprint:
+                if not overwrite:
+                    raise ConvertError(
+                        f"{self.out}: an unfinished conversion with a different "
+                        f"{describe_difference(previous, fingerprint)} is here; rerun it as it was, or pass --overwrite"
+                    )
+                self.clear()
+        if not self.fingerprint_path.exists():
+            atomic_write_bytes(self.fingerprint_path, json.dumps(fingerprint, indent=2, sort_keys=True).encode())
+
+    def clear(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.journal_path.unlink(missing_ok=True)
+        self.fingerprint_path.unlink(missing_ok=True)
+
+    # -- staging and journal -------------------------------------------------------------------------
+
+    def staged_path(self, rel_path: str) -> Path:
+        return self.staging / rel_path
+
+    def record(self, rec: FileRecord) -> None:
+        line = json.dumps({"path": rec.path, "size": rec.size, "sha256": rec.sha256}) + "\n"
+        try:
+            with open(self.journal_path, "a") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise _write_error(self.journal_path, exc) from exc
+
+    def journal(self) -> dict[str, FileRecord]:
+        records: dict[str, FileRecord] = {}
+        if not self.journal_path.exists():
+            return records
+        for line in self.journal_path.read_text().splitlines():
+            try:
+                d = json.loads(line)
+                records[d["path"]] = FileRecord(d["path"], int(d["size"]), d["sha256"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue  # a torn last line from a crash: that file is simply redone
+        return records
+
+    def verified(
+        self, rel_path: str, planned_size: int, known: FileRecord | None = None, on_bytes: Callable[[int], None] | None = None
+    ) -> FileRecord | None:
+        """A record for a file that is already done: staged (per the journal) or in its final place.
+
+        `known` is what an earlier, completed conversion's manifest says of the final file. Either
+        way the bytes are hashed again: a record alone is never trusted.
+        """
+        journaled = self.journal().get(rel_path)
+        final = self.out / rel_path
+        # A crash during commit can leave a journaled file already moved to its final name.
+        candidates = [(journaled, self.staged_path(rel_path)), (journaled, final), (known, final)]
+        for rec, path in candidates:
+            if rec is None or rec.size != planned_size or not path.is_file() or path.stat().st_size != rec.size:
+                continue
+            if sha256_file(path, on_bytes) == rec.sha256:
+                return rec
+        return None
+
+    def open(self, rel_path: str, expected_size: int | None = None) -> StagedFile:
+        return StagedFile(self, rel_path, expected_size)
+
+    def commit(self, rel_paths: list[str]) -> None:
+        """Move staged files to their final names (each rename atomic), then drop the work area."""
+        touched: set[Path] = set()
+        for rel in rel_paths:
+            src, dst = self.staged_path(rel), self.out / rel
+            if not src.exists():
+                continue  # already in its final place (verified before it was planned as done)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(src, dst)
+            except OSError as exc:
+                raise _write_error(dst, exc) from exc
+            touched.add(dst.parent)
+        for d in touched:
+            fsync_dir(d)
+
+    def remove(self) -> None:
+        """After a completed commit: drop the work area, lock included (this process still holds it)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def describe_difference(previous: Any, current: dict[str, Any]) -> str:
+    """Name the first fingerprint fields that differ, for a one-line refusal."""
+    if not isinstance(previous, dict):
+        return "fingerprint (unreadable)"
+    keys = sorted(set(previous) | set(current))
+    diffs = [k for k in keys if previous.get(k) != current.get(k)]
+    parts = []
+    for k in diffs[:3]:
+        a, b = previous.get(k), current.get(k)
+        if isinstance(a, (dict, list)) or isinstance(b, (dict, list)):
+            parts.append(k)
+        else:
+            parts.append(f"{k} (was {a!r}, now {b!r})")
+    return ", ".join(parts) or "fingerprint"

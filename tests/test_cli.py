@@ -1,0 +1,90 @@
+"""The command line as scripts use it: exit codes, one-line errors, nothing written on refusal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def test_make_tiny_is_small_complete_and_deterministic(cli, tmp_path):
+    for name in ("a", "b"):
+        r = cli("make-tiny", tmp_path / name, "--dtype", "fp8", "--seed", "7")
+        assert r.returncode == 0, r.stderr
+    a, b = tmp_path / "a", tmp_path / "b"
+    files = sorted(p.name for p in a.iterdir())
+    assert "config.json" in files and "model.safetensors.index.json" in files
+    assert sum(p.stat().st_size for p in a.iterdir()) < 50e6
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    weight_map = json.loads((a / "model.safetensors.index.json").read_text())["weight_map"]
+    w = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
+    assert weight_map[w] != weight_map[w + "_scale_inv"]  # a scale in another shard than its weight
+    for needed in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+                   "model.layers.2.self_attn.q_proj.weight", "model.layers.2.self_attn.q_proj.weight_scale_inv",
+                   "model.layers.2.self_attn.k_norm.weight", "model.layers.2.input_layernorm.weight",
+                   "model.layers.2.post_attention_layernorm.weight", "model.layers.2.block_sparse_moe.gate.weight",
+                   "model.layers.2.block_sparse_moe.e_score_correction_bias",
+                   "model.layers.2.block_sparse_moe.experts.11.w2.weight_scale_inv"):
+        assert needed in weight_map, needed
+    assert cli("make-tiny", tmp_path / "c", "--seed", "8").returncode == 0
+    shard = "model-00001-of-00004.safetensors"
+    assert (tmp_path / "c" / shard).read_bytes() != (a / shard).read_bytes()  # the seed matters
+    assert cli("make-tiny", a).returncode != 0  # not empty: refused
+
+
+@pytest.mark.parametrize(
+    "args,reason",
+    [
+        (["--tp", "8", "--ep", "8"], "does not divide the 12 experts"),
+        (["--tp", "4", "--ep", "3"], "must divide tp"),
+        (["--tp", "17"], "between 1 and 16"),
+        (["--tp", "0"], "between 1 and 16"),
+        (["--profile", "vllm"], "unknown profile"),
+        (["--part-size", "lots"], "as a size"),
+    ],
+)
+def test_invalid_requests_refused_up_front(cli, tiny_fp8, tmp_path, args, reason):
+    out = tmp_path / "out"
+    r = cli("convert", tiny_fp8, out, *args, "-q")
+    assert r.returncode != 0
+    assert reason in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_convert_and_inspect(cli, tiny_bf16, tmp_path):
+    out = tmp_path / "out"
+    r = cli("convert", tiny_bf16, out, "--profile", "trtllm", "--tp", "4", "--ep", "4", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""  # --quiet: no progress bar
+    r = cli("inspect", out)
+    assert r.returncode == 0, r.stderr
+    lines = [" ".join(line.split()) for line in r.stdout.splitlines()]
+    for text in ("profile trtllm", "shape TP4 EP4 moe_tp 1", "w13_weight F8_E4M3 [3, 2, 768, 128]",
+                 "manifest complete", "source experts were BF16"):
+        assert any(line.startswith(text) for line in lines), text
+    r = cli("inspect", tiny_bf16)
+    lines = [" ".join(line.split()) for line in r.stdout.splitlines()]
+    assert any(line.startswith("routed experts BF16") for line in lines)
+    assert any(line.startswith("TP8 EP8 not possible") for line in lines)
+
+
+def test_progress_bar_shows_bytes_and_rate(cli, tiny_fp8, tmp_path):
+    r = cli("convert", tiny_fp8, tmp_path / "out", "--tp", "2")
+    assert r.returncode == 0
+    assert "B/s" in r.stderr and "100%" in r.stderr
+
+
+def test_convert_with_recipe_and_override(cli, tmp_path):
+    r = cli("convert", "--recipe", REPO / "recipes" / "tiny.toml", "--tp", "2", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    config = json.loads((tmp_path / "mm-convert-work/tiny/out/config.json").read_text())
+    assert (config["mm_convert"]["tp"], config["mm_convert"]["profile"]) == (2, "sglang")
+
+
+def test_missing_source_is_one_line(cli, tmp_path):
+    r = cli("convert", tmp_path / "nope", tmp_path / "out")
+    assert r.returncode != 0 and "not a directory" in r.stderr and len(r.stderr.strip().splitlines()) == 1

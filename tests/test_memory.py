@@ -1,0 +1,48 @@
+"""Peak memory stays bounded as layers are added (measured in a subprocess, not by timing)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from convert.tiny import TINY, make_synthetic
+
+MEDIUM = replace(TINY, hidden_size=1024, intermediate_size=512, num_experts=64, top_k=8, vocab_size=256,
+                 num_shards=3, random_fp8_bytes=True)
+LAYER_BYTES = 64 * 3 * 1024 * 512  # FP8 expert bytes of one layer: 100 MB
+
+# VmHWM is the peak resident set of this process image; ru_maxrss would carry over the parent's
+# peak across fork and exec (Linux keeps it), which is why the test process's own size must not count.
+MEASURE = """
+import json, sys
+from convert.cli import main
+src, out, profile = sys.argv[1:4]
+sys.argv = ["mm-convert", "convert", src, out, "--profile", profile, "--tp", "4", "--quiet"]
+try:
+    main()
+except SystemExit as exc:
+    assert not exc.code, exc.code
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+print(json.dumps({"peak_kib": int(hwm.split()[1])}))
+"""
+
+
+def _peak_mib(source, out, profile) -> float:
+    proc = subprocess.run([sys.executable, "-c", MEASURE, str(source), str(out), profile],
+                          capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_kib"] / 1024
+
+
+@pytest.mark.parametrize("profile", ["sglang", "trtllm"])
+def test_peak_memory_does_not_grow_with_layers(tmp_path, profile):
+    peaks = {}
+    for layers in (2, 8):
+        src = make_synthetic(tmp_path / f"src{layers}", replace(MEDIUM, num_layers=layers), "fp8", seed=1)
+        peaks[layers] = _peak_mib(src, tmp_path / f"out{layers}", profile)
+    growth = peaks[8] - peaks[2]
+    # Six more layers (600 MB of experts, 700 MB of output) may not add more than a fifth of one layer.
+    assert growth < 0.2 * LAYER_BYTES / 2**20, peaks
