@@ -22,12 +22,13 @@ from convert.manifest import Census, DtypeCount, Manifest, SourceIdentity, new_m
 from convert.output_format import ConfigBlock, ShapeEntry
 from convert.parallel import ParallelShape, RankGeometry
 from convert.plan import ConversionPlan, PlannedFile, build_plan
-from convert.profiles import Down, GateUp, Packed, get_profile
+from convert.profiles import Packed, get_profile
+from convert.read_experts import load_down, load_gate_up
 from convert.progress import byte_bar
-from convert.quant import quantize_fp8_block
 from convert.safetensors_file import read_header, tensor_bytes
 from convert.source import SourceCheckpoint
-from convert.writer import FileRecord, StagedFile, WorkDir
+from convert.fsutil import FileRecord
+from convert.writer import StagedFile, WorkDir
 
 COPY_CHUNK = 64 * 1024 * 1024
 # Source bytes gathered per expert chunk; quantising BF16 needs about 4x this in float32 temporaries.
@@ -67,63 +68,6 @@ class ConvertResult:
     bytes_written: int
     files_reused: int
     seconds: float
-
-
-# -- reading a chunk of experts ------------------------------------------------------------------
-
-
-def _check_fp8(t: torch.Tensor, names: list[str], source: SourceCheckpoint) -> None:
-    # e4m3fn has no infinities; 0x7F and 0xFF are its only NaN encodings.
-    bad = (t & 0x7F) == 0x7F
-    if bool(bad.any()):
-        i = int(bad.flatten(1).any(1).nonzero()[0])
-        raise ConvertError(f"{source.info(names[i]).path}: tensor {names[i]}: FP8 weight holds NaN")
-
-
-def _check_float(t: torch.Tensor, names: list[str], source: SourceCheckpoint, what: str, positive: bool) -> None:
-    bad = ~torch.isfinite(t)
-    if positive:
-        bad |= t <= 0
-    if bool(bad.any()):
-        i = int(bad.flatten(1).any(1).nonzero()[0])
-        problem = "non-finite or non-positive values" if positive else "NaN or Inf"
-        raise ConvertError(f"{source.info(names[i]).path}: tensor {names[i]}: {what} holds {problem}")
-
-
-def _read_stack(source: SourceCheckpoint, names: list[str], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    out = torch.empty((len(names), *shape), dtype=dtype)
-    for i, name in enumerate(names):
-        source.read_into(name, out[i])
-    return out
-
-
-def _load_projection(source: SourceCheckpoint, layer: int, experts: range, proj: model.Projection, device: str):
-    """(fp8 bytes `[n, rows, cols]`, fp32 scales) for one projection of a chunk of experts."""
-    wshape = source.shape.expert_weight_shapes[proj]
-    wnames = [model.expert_weight_name(layer, e, proj) for e in experts]
-    if source.kind == "fp8":
-        snames = [model.expert_scale_name(layer, e, proj) for e in experts]
-        weight = _read_stack(source, wnames, wshape, torch.uint8)
-        scale = _read_stack(source, snames, model.scale_shape(wshape), torch.float32)
-        _check_fp8(weight, wnames, source)
-        _check_float(scale, snames, source, "scale", positive=True)
-        return weight.to(device), scale.to(device)
-    dtype = source.info(wnames[0]).torch_dtype
-    raw = _read_stack(source, wnames, wshape, dtype).to(device)
-    _check_float(raw, wnames, source, "weight", positive=False)
-    q, scale = quantize_fp8_block(raw)
-    return q.view(torch.uint8), scale
-
-
-def load_gate_up(source: SourceCheckpoint, layer: int, experts: range, device: str = "cpu") -> GateUp:
-    gate, gate_scale = _load_projection(source, layer, experts, "w1", device)
-    up, up_scale = _load_projection(source, layer, experts, "w3", device)
-    return GateUp(gate=gate, up=up, gate_scale=gate_scale, up_scale=up_scale)
-
-
-def load_down(source: SourceCheckpoint, layer: int, experts: range, device: str = "cpu") -> Down:
-    weight, scale = _load_projection(source, layer, experts, "w2", device)
-    return Down(weight=weight, scale=scale)
 
 
 def expert_chunks(plan: ConversionPlan, chunk_bytes: int) -> list[range]:

@@ -15,7 +15,7 @@ from convert import __version__
 from convert.errors import ConvertError
 from convert.output_format import FORMAT_VERSION, MANIFEST_NAME
 from convert.source import SourceCheckpoint
-from convert.writer import FileRecord, atomic_write_bytes
+from convert.fsutil import FileRecord, atomic_write_bytes
 
 TOOL_NAME = "mm-convert"
 

@@ -20,63 +20,12 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from convert.errors import ConvertError
+from convert.fsutil import PARTIAL_SUFFIX, FileRecord, atomic_write_bytes, fsync_dir, sha256_file, write_error
 from convert.output_format import WORK_DIR
-
-PARTIAL_SUFFIX = ".partial"
-HASH_CHUNK = 16 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    """A finished output file: its path relative to the output folder, size and sha256."""
-
-    path: str
-    size: int
-    sha256: str
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-            if on_bytes:
-                on_bytes(len(chunk))
-    return h.hexdigest()
-
-
-def _write_error(path: Path, exc: OSError) -> ConvertError:
-    reason = "the disk is full" if exc.errno in (28, 27, 122) else (exc.strerror or str(exc))
-    return ConvertError(f"{path}: write failed: {reason}; finished files are kept and a rerun resumes")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a small file under a temporary name, fsync it, then give it its final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise _write_error(path, exc) from exc
 
 
 class StagedFile:
@@ -94,7 +43,7 @@ class StagedFile:
         try:
             self._f = open(self.partial, "wb")
         except OSError as exc:
-            raise _write_error(self.partial, exc) from exc
+            raise write_error(self.partial, exc) from exc
 
     @property
     def written(self) -> int:
@@ -105,7 +54,7 @@ class StagedFile:
             self._f.write(data)
         except OSError as exc:
             self.abort()
-            raise _write_error(self.partial, exc) from exc
+            raise write_error(self.partial, exc) from exc
         self._hash.update(data)
         self._written += len(data)
 
@@ -121,7 +70,7 @@ class StagedFile:
             fsync_dir(self.final.parent)
         except OSError as exc:
             self.abort()
-            raise _write_error(self.partial, exc) from exc
+            raise write_error(self.partial, exc) from exc
         record = FileRecord(self.rel_path, self._written, self._hash.hexdigest())
         self.work.record(record)
         return record
@@ -150,7 +99,7 @@ class WorkDir:
             self.root.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise _write_error(self.root, exc) from exc
+            raise write_error(self.root, exc) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -201,7 +150,7 @@ class WorkDir:
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as exc:
-            raise _write_error(self.journal_path, exc) from exc
+            raise write_error(self.journal_path, exc) from exc
 
     def journal(self) -> dict[str, FileRecord]:
         records: dict[str, FileRecord] = {}
@@ -248,7 +197,7 @@ class WorkDir:
             try:
                 os.replace(src, dst)
             except OSError as exc:
-                raise _write_error(dst, exc) from exc
+                raise write_error(dst, exc) from exc
             touched.add(dst.parent)
         for d in touched:
             fsync_dir(d)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from convert import model
-from convert.execute import load_down, load_gate_up
+from convert.read_experts import load_down, load_gate_up
 from convert.parallel import ParallelShape
 from convert.profiles import PROFILES, Down, GateUp, Packed
 from convert.source import SourceCheckpoint
