@@ -101,6 +101,31 @@ def convert(
 
 
 @app.command()
+def validate(
+    out: Path = typer.Argument(..., help="A converted checkpoint folder."),
+    source: Optional[Path] = typer.Option(None, "--source", help="The source it was converted from: enables exactness and quantisation-error checks."),
+    kernel: str = typer.Option("auto", "--kernel", help="auto, reference, triton, cutlass or trtllm."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Layers for the kernel check, e.g. 0,30,61 or all (default: first, middle, last)."),
+    tokens: int = typer.Option(64, "--tokens", help="Random tokens per layer for the kernel check."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random hidden states."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda for the reference backend (default: cuda if present)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the full JSON report here."),
+    record: bool = typer.Option(False, "--record", help="Also record the summary in OUT/mm_convert.json (for the model card)."),
+):
+    """Prove a converted checkpoint complete, exact and kernel-ready; exit non-zero if any check fails."""
+    from validators.run import parse_layers, record_summary, validate as run_validate
+
+    result = run_validate(out, source, kernel, parse_layers(layers), tokens, seed, device)
+    typer.echo(result.render())
+    if report is not None:
+        result.save(report)
+    if record:
+        record_summary(out, result)
+    if not result.passed:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
 def inspect(path: Path = typer.Argument(..., help="A source or converted checkpoint folder.")):
     """Summarise a checkpoint: architecture, dtypes, experts, parallel shapes, manifest status."""
     from convert.inspect import inspect_path

@@ -31,6 +31,12 @@ EXPERT_TENSOR_KINDS: tuple[ExpertTensorKind, ...] = (
     "w2_weight",
     "w2_weight_scale_inv",
 )
+EXPERT_DTYPES: dict[ExpertTensorKind, str] = {
+    "w13_weight": "F8_E4M3",
+    "w13_weight_scale_inv": "F32",
+    "w2_weight": "F8_E4M3",
+    "w2_weight_scale_inv": "F32",
+}
 
 
 def shard_file_name(index: int, count: int) -> str:

@@ -13,19 +13,11 @@ from dataclasses import dataclass, field
 from convert import model, output_format
 from convert.errors import ConvertError
 from convert.model import ModelShape
-from convert.output_format import ExpertTensorKind
+from convert.output_format import EXPERT_DTYPES, ExpertTensorKind
 from convert.parallel import ParallelShape, RankGeometry
 from convert.profiles import Profile, RankTensorShapes
 from convert.safetensors_file import DTYPES, HeaderEntry, encode_header
 from convert.source import SourceCheckpoint
-
-EXPERT_DTYPES: dict[ExpertTensorKind, str] = {
-    "w13_weight": "F8_E4M3",
-    "w13_weight_scale_inv": "F32",
-    "w2_weight": "F8_E4M3",
-    "w2_weight_scale_inv": "F32",
-}
-
 
 @dataclass(frozen=True)
 class PlannedTensor:

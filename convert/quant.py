@@ -46,3 +46,17 @@ def dequantize_fp8_block(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     n, k = q.shape[-2:]
     expanded = scale.to(torch.float32).repeat_interleave(QUANT_BLOCK, dim=-2).repeat_interleave(QUANT_BLOCK, dim=-1)
     return q.to(torch.float32) * expanded[..., :n, :k]
+
+
+def quantize_fp8_per_token_group(x: torch.Tensor, group: int = QUANT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations `[T, H]` -> (fp8 `[T, H]`, fp32 scales `[T, H/group]`), one scale per token per group.
+
+    The same rule as the weights (amax / 448, 1.0 for an all-zero group, divide, cast): what the
+    DeepSeek-FP8 MoE kernels take as `hidden_states` (they want the scales transposed, `[H/128, T]`).
+    """
+    t, h = x.shape
+    groups = x.to(torch.float32).reshape(t, h // group, group)
+    amax = groups.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = torch.clamp(groups / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.reshape(t, h), scale.squeeze(-1)

@@ -41,8 +41,12 @@ def _read_stack(source: SourceCheckpoint, names: list[str], shape: tuple[int, ..
     return out
 
 
-def _load_projection(source: SourceCheckpoint, layer: int, experts: range, proj: model.Projection, device: str):
-    """(fp8 bytes `[n, rows, cols]`, fp32 scales) for one projection of a chunk of experts."""
+def read_projection(source: SourceCheckpoint, layer: int, experts: range, proj: model.Projection
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One projection of a chunk of experts as stored: (weights `[n, rows, cols]`, scales or None).
+
+    FP8 weights come back as raw bytes (uint8) with their fp32 scales; other dtypes as they are.
+    """
     wshape = source.shape.expert_weight_shapes[proj]
     wnames = [model.expert_weight_name(layer, e, proj) for e in experts]
     if source.kind == "fp8":
@@ -51,11 +55,18 @@ def _load_projection(source: SourceCheckpoint, layer: int, experts: range, proj:
         scale = _read_stack(source, snames, model.scale_shape(wshape), torch.float32)
         _check_fp8(weight, wnames, source)
         _check_float(scale, snames, source, "scale", positive=True)
-        return weight.to(device), scale.to(device)
-    dtype = source.info(wnames[0]).torch_dtype
-    raw = _read_stack(source, wnames, wshape, dtype).to(device)
+        return weight, scale
+    raw = _read_stack(source, wnames, wshape, source.info(wnames[0]).torch_dtype)
     _check_float(raw, wnames, source, "weight", positive=False)
-    q, scale = quantize_fp8_block(raw)
+    return raw, None
+
+
+def _load_projection(source: SourceCheckpoint, layer: int, experts: range, proj: model.Projection, device: str):
+    """(fp8 bytes `[n, rows, cols]`, fp32 scales) for one projection of a chunk of experts."""
+    weight, scale = read_projection(source, layer, experts, proj)
+    if scale is not None:
+        return weight.to(device), scale.to(device)
+    q, scale = quantize_fp8_block(weight.to(device))
     return q.view(torch.uint8), scale
 
 

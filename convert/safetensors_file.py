@@ -228,3 +228,53 @@ def pread_into(fd: int, view: memoryview, offset: int, path: Path, name: str) ->
         if n <= 0:
             raise ConvertError(f"{path}: tensor {name}: file ended after {done} of {total} bytes")
         done += n
+
+
+class TensorFile:
+    """One safetensors file, header validated, tensors read on demand (the validators' reader)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.header = read_header(self.path)
+        self.tensors = {t.name: t for t in self.header.tensors}
+        self._fd: int | None = None
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.header.metadata or {}
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.tensors.get(name)
+        if info is None:
+            raise ConvertError(f"{self.path}: missing tensor {name}")
+        out = torch.empty(info.shape, dtype=info.torch_dtype)
+        pread_into(self._fd_open(), tensor_bytes(out), info.start, self.path, name)
+        return out
+
+    def _fd_open(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def read_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Items `[start, stop)` along the first dimension: one contiguous read, no whole-tensor copy."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise ConvertError(f"{self.path}: missing tensor {name}")
+        if not 0 <= start <= stop <= info.shape[0]:
+            raise ValueError(f"{name}: slice [{start}, {stop}) outside {info.shape[0]}")
+        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+        out = torch.empty((stop - start, *info.shape[1:]), dtype=info.torch_dtype)
+        pread_into(self._fd_open(), tensor_bytes(out), info.start + start * row_bytes, self.path, name)
+        return out
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "TensorFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

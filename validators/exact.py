@@ -1,0 +1,202 @@
+"""Exactness against the source: undoing the profile gives back the source bytes (FP8 source) or
+the quantised source (BF16 source), tensor by tensor; non-expert tensors and the config unchanged.
+For BF16 sources the same pass measures the quantisation error of the dequantised experts."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from convert import model, output_format
+from convert.errors import ConvertError
+from convert.output_format import ShapeEntry
+from convert.parallel import RankGeometry
+from convert.profiles import Down, GateUp, Packed
+from convert.quant import dequantize_fp8_block, quantize_fp8_block
+from convert.read_experts import read_projection
+from convert.safetensors_file import TensorFile
+from convert.source import SourceCheckpoint
+from validators import numerics
+from validators.checkpoint import ConvertedCheckpoint
+from validators.report import Finding, Report
+
+CHECK = "exact"
+QCHECK = "quant-error"
+CHUNK_EXPERTS = 32
+WORST_LISTED = 5
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int32)
+
+
+def _expected(source: SourceCheckpoint, layer: int, experts: range):
+    """Source projections of a chunk as the output must hold them, plus raw weights for BF16 sources."""
+    expected, raw = {}, {}
+    for proj in model.PROJECTIONS:
+        weight, scale = read_projection(source, layer, experts, proj)
+        if scale is None:
+            raw[proj] = weight
+            q, scale = quantize_fp8_block(weight)
+            weight = q.view(torch.uint8)
+        expected[proj] = (weight, scale)
+    return expected, raw
+
+
+def _rows(t: torch.Tensor, g: RankGeometry, dim: int) -> torch.Tensor:
+    return t.narrow(dim, g.row_start, g.real_rows)
+
+
+def _blocks(t: torch.Tensor, g: RankGeometry, dim: int) -> torch.Tensor:
+    return t.narrow(dim, g.scale_row_start, g.real_scale_rows)
+
+
+def _compare_rank(report: Report, label: str, layer: int, g: RankGeometry, experts: range,
+                  gate_up: GateUp, down: Down, expected) -> int:
+    """Findings for every expert of the chunk whose unpacked tensors differ from the source."""
+    (w1, s1), (w2, s2), (w3, s3) = expected["w1"], expected["w2"], expected["w3"]
+    parts = {
+        "w13_weight up half (w3)": (gate_up.up, _rows(w3, g, 1)),
+        "w13_weight gate half (w1)": (gate_up.gate, _rows(w1, g, 1)),
+        "w13_weight_scale_inv up half (w3)": (gate_up.up_scale, _blocks(s3, g, 1)),
+        "w13_weight_scale_inv gate half (w1)": (gate_up.gate_scale, _blocks(s1, g, 1)),
+        "w2_weight": (down.weight, _rows(w2, g, 2)),
+        "w2_weight_scale_inv": (down.scale, _blocks(s2, g, 2)),
+    }
+    bad = 0
+    for i, expert in enumerate(experts):
+        wrong = [name for name, (got, want) in parts.items() if not torch.equal(_bits(got[i]), _bits(want[i]))]
+        if not wrong:
+            continue
+        swapped = (
+            torch.equal(_bits(gate_up.up[i]), _bits(_rows(w1, g, 1)[i]))
+            and torch.equal(_bits(gate_up.gate[i]), _bits(_rows(w3, g, 1)[i]))
+        )
+        what = "gate and up halves of w13_weight are swapped" if swapped else f"{', '.join(wrong)} differ from the source"
+        report.add(Finding(CHECK, "fail", what, shape=label, layer=layer, expert=expert, rank=g.rank))
+        bad += 1
+    return bad
+
+
+def check_experts(ckpt: ConvertedCheckpoint, source: SourceCheckpoint, report: Report, entry: ShapeEntry,
+                  layers: list[int], errors: list[tuple[float, int, int, str]]) -> None:
+    label = entry.parallel.dirname
+    profile = ckpt.profile
+    ranks = ckpt.ranks(entry)
+    bad = 0
+    for layer in layers:
+        for block_start in range(0, ckpt.shape.num_experts, entry.experts_per_rank):
+            owners = [g for g in ranks if g.first_expert == block_start]
+            for start in range(block_start, block_start + entry.experts_per_rank, CHUNK_EXPERTS):
+                experts = range(start, min(start + CHUNK_EXPERTS, block_start + entry.experts_per_rank))
+                expected, raw = _expected(source, layer, experts)
+                assembled: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {p: [] for p in model.PROJECTIONS}
+                for g in owners:
+                    local = range(experts.start - g.first_expert, experts.stop - g.first_expert)
+                    try:
+                        t = ckpt.rank_layer(entry, g.rank, layer, local)
+                        gate_up = profile.unpack_gate_up(Packed(t.w13, t.w13_scale), g)
+                        down = profile.unpack_down(Packed(t.w2, t.w2_scale), g)
+                    except (ConvertError, RuntimeError, ValueError) as exc:
+                        report.add(Finding(CHECK, "fail", f"cannot read: {exc}", shape=label, layer=layer, rank=g.rank))
+                        bad += 1
+                        continue
+                    bad += _compare_rank(report, label, layer, g, experts, gate_up, down, expected)
+                    assembled["w1"].append((g.moe_tp_rank, gate_up.gate, gate_up.gate_scale))
+                    assembled["w3"].append((g.moe_tp_rank, gate_up.up, gate_up.up_scale))
+                    assembled["w2"].append((g.moe_tp_rank, down.weight, down.scale))
+                if raw and len(assembled["w1"]) == len(owners):
+                    _quant_errors(assembled, raw, experts, layer, errors)
+    if not bad:
+        report.add(Finding(CHECK, "pass", f"every expert of {len(layers)} layer(s) on {entry.tp} ranks equals the "
+                                          f"{'quantised ' if source.kind != 'fp8' else ''}source, bit for bit",
+                           shape=label))
+
+
+def _quant_errors(assembled, raw, experts: range, layer: int, errors: list) -> None:
+    """Relative error of the output's dequantised experts (ranks reassembled) against the BF16 source."""
+    for proj, pieces in assembled.items():
+        pieces.sort(key=lambda p: p[0])
+        dim = 2 if proj == "w2" else 1
+        q = torch.cat([p[1] for p in pieces], dim=dim)
+        s = torch.cat([p[2] for p in pieces], dim=dim)
+        deq = dequantize_fp8_block(q.view(torch.float8_e4m3fn), s)
+        for i, expert in enumerate(experts):
+            errors.append((numerics.relative_error(deq[i], raw[proj][i].float()), layer, expert, proj))
+
+
+def check_pass_through(ckpt: ConvertedCheckpoint, source: SourceCheckpoint, report: Report) -> None:
+    index = json.loads((ckpt.root / output_format.INDEX_NAME).read_text())["weight_map"]
+    expected = set(source.non_expert_names())
+    bad = 0
+    for name in sorted(expected - set(index)):
+        report.add(Finding(CHECK, "fail", f"non-expert tensor {name} is missing from the output"))
+        bad += 1
+    files: dict[str, TensorFile] = {}
+    try:
+        for name, file_name in sorted(index.items()):
+            if name not in expected:
+                report.add(Finding(CHECK, "fail", f"{file_name}: tensor {name} is not a non-expert tensor of the source"))
+                bad += 1
+                continue
+            f = files.setdefault(file_name, TensorFile(ckpt.root / file_name))
+            got, want = f.read(name), source.read(name)
+            if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(_raw(got), _raw(want)):
+                report.add(Finding(CHECK, "fail", f"{file_name}: tensor {name} differs from the source"))
+                bad += 1
+    finally:
+        for f in files.values():
+            f.close()
+    if not bad:
+        report.add(Finding(CHECK, "pass", f"{len(expected)} non-expert tensors byte-identical to the source"))
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def check_config(ckpt: ConvertedCheckpoint, source: SourceCheckpoint, report: Report) -> None:
+    config = {k: v for k, v in ckpt.config.items() if k != output_format.CONFIG_BLOCK_KEY}
+    want = dict(source.config)
+    if source.kind != "fp8":
+        config.pop("quantization_config", None)  # added for BF16 sources: the experts are FP8 now
+    if config != want:
+        keys = sorted(k for k in set(config) | set(want) if config.get(k) != want.get(k))
+        report.add(Finding(CHECK, "fail", f"config.json differs from the source's in {', '.join(keys)}"))
+    else:
+        report.add(Finding(CHECK, "pass", "config.json is the source's, plus the mm_convert block"))
+
+
+def run(ckpt: ConvertedCheckpoint, source: SourceCheckpoint, report: Report, layers: list[int] | None = None) -> None:
+    if source.shape != ckpt.shape:
+        report.add(Finding(CHECK, "fail", f"the source's config describes a different model ({source.shape} vs {ckpt.shape})"))
+        return
+    check_config(ckpt, source, report)
+    check_pass_through(ckpt, source, report)
+    layers = list(range(ckpt.shape.num_layers)) if layers is None else layers
+    errors: list[tuple[float, int, int, str]] = []
+    for entry in ckpt.block.shapes:
+        try:
+            entry.parallel.validate(ckpt.shape)
+        except ConvertError:
+            continue  # reported by the structure check
+        errors.clear()
+        check_experts(ckpt, source, report, entry, layers, errors)
+        if source.kind != "fp8" and errors:
+            _report_quant_errors(report, entry.parallel.dirname, errors)
+
+
+def _report_quant_errors(report: Report, label: str, errors: list[tuple[float, int, int, str]]) -> None:
+    worst = sorted(errors, reverse=True)
+    over = [e for e in worst if not e[0] <= numerics.QUANT_ERROR_LIMIT]
+    for err, layer, expert, proj in over:
+        report.add(Finding(QCHECK, "fail", f"{proj}: relative error {err:.4f} exceeds {numerics.QUANT_ERROR_LIMIT}",
+                           shape=label, layer=layer, expert=expert, metrics={"rel_l2": err}))
+    mean = sum(e[0] for e in errors) / len(errors)
+    listed = ", ".join(f"L{l} e{e} {p} {err:.4f}" for err, l, e, p in worst[:WORST_LISTED])
+    report.add(Finding(QCHECK, "pass" if not over else "info",
+                       f"{len(errors)} tensors: mean relative error {mean:.4f}, worst {worst[0][0]:.4f} "
+                       f"(limit {numerics.QUANT_ERROR_LIMIT}); worst: {listed}",
+                       shape=label, metrics={"mean_rel_l2": mean, "max_rel_l2": worst[0][0],
+                                             "worst": [list(w) for w in worst[:WORST_LISTED]]}))

@@ -1,0 +1,160 @@
+"""The kernel check: seeded hidden states through selected layers, routed with the checkpoint's own
+gate and correction bias, run rank by rank through a backend on the kernel-ready tensors, combined
+as the serving engine would (summed over all ranks: MoE-TP ranks hold row slices, EP ranks hold
+expert blocks), and compared with a float32 reference computed from the source weights."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable
+
+import torch
+
+from convert import model, output_format
+from convert.errors import ConvertError
+from convert.output_format import ShapeEntry
+from convert.profiles import Packed
+from convert.quant import dequantize_fp8_block, quantize_fp8_block, quantize_fp8_per_token_group
+from convert.safetensors_file import TensorFile
+from convert.source import SourceCheckpoint
+from validators import numerics
+from validators.checkpoint import ConvertedCheckpoint
+from validators.kernels.base import Backend, RankWeights, RoutedInputs
+from validators.report import Finding, Report
+from validators.routing import Routing, route, unpack_topk
+
+CHECK = "kernel"
+ExpertWeights = Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # e -> fp32 (w1, w3, w2)
+
+
+def default_layers(num_layers: int) -> list[int]:
+    """A spread including the first and the last layer."""
+    return sorted({0, num_layers // 2, num_layers - 1})
+
+
+def _router(ckpt: ConvertedCheckpoint, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    weight_map = json.loads((ckpt.root / output_format.INDEX_NAME).read_text())["weight_map"]
+    tensors = []
+    for name in (model.router_weight_name(layer), model.router_bias_name(layer)):
+        if name not in weight_map:
+            raise ConvertError(f"{ckpt.root}: missing tensor {name} (needed to route)")
+        with TensorFile(ckpt.root / weight_map[name]) as f:
+            tensors.append(f.read(name).float())
+    return tensors[0], tensors[1]
+
+
+def make_inputs(hidden: torch.Tensor, routing: Routing, num_experts: int) -> RoutedInputs:
+    q, scale = quantize_fp8_per_token_group(hidden)
+    return RoutedInputs(q, scale.t().contiguous(), routing.packed, num_experts, routing.ids.shape[1])
+
+
+def hidden_states(tokens: int, hidden: int, seed: int, layer: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + layer)
+    return torch.randn(tokens, hidden, generator=gen)
+
+
+def source_reference(inputs: RoutedInputs, experts: ExpertWeights) -> torch.Tensor:
+    """float32 MoE over the full (unsliced, unpadded) expert matrices, same FP8 activations."""
+    x = inputs.dequantized_hidden().cpu()
+    ids, weights = unpack_topk(inputs.topk_packed.cpu())
+    out = torch.zeros_like(x)
+    for e in torch.unique(ids).tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        w1, w3, w2 = experts(e)
+        act = torch.nn.functional.silu(x[tok] @ w1.t()) * (x[tok] @ w3.t())
+        out.index_add_(0, tok, (act @ w2.t()) * weights[tok, slot, None])
+    return out
+
+
+def source_experts(source: SourceCheckpoint, layer: int) -> ExpertWeights:
+    """The FP8 weights the kernel should be running, from the source (BF16 sources quantised here)."""
+
+    def get(e: int):
+        mats = []
+        for proj in ("w1", "w3", "w2"):
+            w = source.read(model.expert_weight_name(layer, e, proj))
+            if source.kind == "fp8":
+                s = source.read(model.expert_scale_name(layer, e, proj))
+            else:
+                w, s = quantize_fp8_block(w)
+            mats.append(dequantize_fp8_block(w, s))
+        return tuple(mats)
+
+    return get
+
+
+def checkpoint_experts(ckpt: ConvertedCheckpoint, entry: ShapeEntry, layer: int) -> ExpertWeights:
+    """Without --source: the experts rebuilt from the output itself (all MoE-TP ranks' rows)."""
+    ranks = ckpt.ranks(entry)
+
+    def get(e: int):
+        gate, up, down, gs, us, ds = [], [], [], [], [], []
+        for g in sorted((g for g in ranks if e in g.experts), key=lambda g: g.moe_tp_rank):
+            local = range(e - g.first_expert, e - g.first_expert + 1)
+            t = ckpt.rank_layer(entry, g.rank, layer, local)
+            gu = ckpt.profile.unpack_gate_up(Packed(t.w13, t.w13_scale), g)
+            dn = ckpt.profile.unpack_down(Packed(t.w2, t.w2_scale), g)
+            gate.append(gu.gate[0]), up.append(gu.up[0]), down.append(dn.weight[0])
+            gs.append(gu.gate_scale[0]), us.append(gu.up_scale[0]), ds.append(dn.scale[0])
+        deq = lambda ws, ss, dim: dequantize_fp8_block(torch.cat(ws, dim).view(torch.float8_e4m3fn), torch.cat(ss, dim))  # noqa: E731
+        return deq(gate, gs, 0), deq(up, us, 0), deq(down, ds, 1)
+
+    return get
+
+
+def rank_weights(ckpt: ConvertedCheckpoint, entry: ShapeEntry, rank: int, layer: int) -> RankWeights:
+    g = ckpt.ranks(entry)[rank]
+    t = ckpt.rank_layer(entry, rank, layer)
+    flags = ckpt.profile.flags
+    return RankWeights(t.w13, t.w13_scale, t.w2, t.w2_scale, flags.use_shuffled_weight, flags.weight_layout,
+                       g.first_expert, g.num_local_experts, g.padded_intermediate_size, ckpt.shape.hidden_size)
+
+
+def run_layer(ckpt: ConvertedCheckpoint, entry: ShapeEntry, layer: int, backend: Backend,
+              inputs: RoutedInputs) -> torch.Tensor:
+    """Every rank through the backend, outputs poisoned with NaN first so unwritten elements show."""
+    device_inputs = inputs.to(backend.device)
+    total = torch.zeros(inputs.hidden_fp8.shape, dtype=torch.float32)
+    for g in ckpt.ranks(entry):
+        weights = rank_weights(ckpt, entry, g.rank, layer).to(backend.device)
+        out = torch.full(inputs.hidden_fp8.shape, float("nan"), dtype=torch.float32, device=backend.device)
+        backend.run(device_inputs, weights, out)
+        total += out.float().cpu()
+    return total
+
+
+def run(ckpt: ConvertedCheckpoint, source: SourceCheckpoint | None, report: Report, backend: Backend,
+        layers: list[int], tokens: int, seed: int, broken_shapes: frozenset[str] = frozenset()) -> None:
+    for layer in layers:
+        if not 0 <= layer < ckpt.shape.num_layers:
+            raise ConvertError(f"--layers: layer {layer} does not exist (the model has {ckpt.shape.num_layers})")
+    for entry in ckpt.block.shapes:
+        label = entry.parallel.dirname
+        if label in broken_shapes:
+            report.add(Finding(CHECK, "skip", "not run: the structure check failed for this shape", shape=label))
+            continue
+        for layer in layers:
+            started = time.monotonic()
+            gate, bias = _router(ckpt, layer)
+            hidden = hidden_states(tokens, ckpt.shape.hidden_size, seed, layer)
+            inputs = make_inputs(hidden, route(hidden, gate, bias, ckpt.shape.top_k), ckpt.shape.num_experts)
+            try:
+                out = run_layer(ckpt, entry, layer, backend, inputs)
+            except (ConvertError, RuntimeError, ValueError) as exc:
+                report.add(Finding(CHECK, "fail", f"cannot run: {exc}", shape=label, layer=layer))
+                continue
+            kernel_seconds = time.monotonic() - started
+            experts = source_experts(source, layer) if source is not None else checkpoint_experts(ckpt, entry, layer)
+            reference = source_reference(inputs, experts)
+            metrics = numerics.compare_outputs(out, reference)
+            metrics["seconds"] = round(kernel_seconds, 3)
+            ok = numerics.passes(metrics, backend.tolerance)
+            unwritten = int(torch.isnan(out).sum())
+            message = (f"{backend.name} on {entry.tp} ranks vs float32 reference from the "
+                       f"{'source' if source is not None else 'checkpoint itself'}: rel_l2 {metrics['rel_l2']:.2e}, "
+                       f"cosine {metrics['cosine']:.6f}, within FlashInfer tolerance {metrics['within_tolerance']:.3f}")
+            if unwritten:
+                message += f"; {unwritten} output elements never written"
+                ok = False
+            report.add(Finding(CHECK, "pass" if ok else "fail", message, shape=label, layer=layer, metrics=metrics))

@@ -1,0 +1,82 @@
+"""`mm-convert validate`: run every check and collect one report."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from convert.errors import ConvertError
+from convert.manifest import Manifest
+from convert.source import SourceCheckpoint
+from validators import exact, kernel_check, structure
+from validators.checkpoint import ConvertedCheckpoint
+from validators.kernels.select import KERNEL_CHOICES, select
+from validators.report import Finding, Report
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """`0,30,61` -> [0, 30, 61]; `all` -> every layer (-1 marks it); None -> the default spread."""
+    if text is None:
+        return None
+    if text.strip() == "all":
+        return [-1]
+    try:
+        return sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise ConvertError(f"--layers {text!r}: give layer numbers separated by commas, or all") from None
+
+
+def record_summary(out: str | Path, report: Report) -> None:
+    """Keep the report's summary in the manifest, under the shapes it covered."""
+    manifest = Manifest.load(Path(out))
+    for shape in {f.shape for f in report.findings if f.shape} or {"all"}:
+        manifest.validation[shape] = report.summary()
+    manifest.save(Path(out))
+
+
+@contextmanager
+def _timed(report: Report, check: str):
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        report.seconds[check] = report.seconds.get(check, 0.0) + time.monotonic() - started
+
+
+def validate(out: str | Path, source: str | Path | None = None, kernel: str = "auto", layers: list[int] | None = None,
+             tokens: int = 64, seed: int = 0, device: str | None = None) -> Report:
+    """Every check on a converted checkpoint; exactness and quantisation error need the source."""
+    if kernel not in KERNEL_CHOICES:
+        raise ConvertError(f"--kernel {kernel!r}: choose one of {', '.join(KERNEL_CHOICES)}")
+    if tokens < 1:
+        raise ConvertError(f"--tokens must be at least 1, got {tokens}")
+    with ConvertedCheckpoint.open(out) as ckpt:
+        if layers == [-1]:
+            chosen = list(range(ckpt.shape.num_layers))
+        else:
+            chosen = layers if layers is not None else kernel_check.default_layers(ckpt.shape.num_layers)
+        report = Report(out=str(out), source=str(source) if source else None, kernel_requested=kernel,
+                        layers=chosen, tokens=tokens, seed=seed)
+        with _timed(report, "structure"):
+            structure.run(ckpt, report)
+        src = SourceCheckpoint.open(source) if source is not None else None
+        try:
+            if src is not None:
+                with _timed(report, "exact"):
+                    exact.run(ckpt, src, report)
+            selection = select(kernel, device)
+            report.kernel_used = selection.backend.name if selection.backend else None
+            report.kernel_note = selection.note
+            if selection.backend is None:
+                report.add(Finding("kernel", "skip", selection.note))
+            else:
+                broken = frozenset(f.shape for f in report.failures() if f.check == "structure" and f.shape)
+                if any(f.check == "structure" and f.shape is None for f in report.failures()):
+                    broken = frozenset(e.parallel.dirname for e in ckpt.block.shapes)  # config-level failure
+                with _timed(report, "kernel"):
+                    kernel_check.run(ckpt, src, report, selection.backend, chosen, tokens, seed, broken)
+        finally:
+            if src is not None:
+                src.close()
+    return report

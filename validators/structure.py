@@ -1,0 +1,259 @@
+"""Structure: the files are the ones the manifest lists, complete, shaped as the profile says,
+covering every expert of every layer exactly once, padded with exact zeros, with sane scales."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from convert import output_format
+from convert.output_format import EXPERT_DTYPES
+from convert.errors import ConvertError
+from convert.fsutil import sha256_file
+from convert.safetensors_file import read_header
+from validators.checkpoint import ConvertedCheckpoint
+from validators.report import Finding, Report
+
+CHECK = "structure"
+
+
+def check_manifest(ckpt: ConvertedCheckpoint, report: Report, on_bytes=None) -> None:
+    """Every listed file exists with its size and sha256; no unlisted file sits among the outputs."""
+    try:
+        manifest = ckpt.manifest()
+    except ConvertError as exc:
+        report.add(Finding(CHECK, "fail", str(exc)))
+        return
+    listed = {f.path for f in manifest.files}
+    bad = 0
+    for rec in manifest.files:
+        path = ckpt.root / rec.path
+        if not path.is_file():
+            report.add(Finding(CHECK, "fail", f"{rec.path}: listed in the manifest but missing"))
+            bad += 1
+        elif path.stat().st_size != rec.size:
+            report.add(Finding(CHECK, "fail", f"{rec.path}: {path.stat().st_size} bytes, the manifest says {rec.size}"))
+            bad += 1
+        elif sha256_file(path, on_bytes) != rec.sha256:
+            report.add(Finding(CHECK, "fail", f"{rec.path}: sha256 differs from the manifest"))
+            bad += 1
+    for path in sorted(ckpt.root.rglob("*.safetensors")):
+        rel = str(path.relative_to(ckpt.root))
+        if not rel.startswith(output_format.WORK_DIR) and rel not in listed:
+            report.add(Finding(CHECK, "fail", f"{rel}: not listed in the manifest"))
+            bad += 1
+    if manifest.profile != ckpt.block.profile:
+        report.add(Finding(CHECK, "fail", f"manifest profile {manifest.profile!r} but config block profile {ckpt.block.profile!r}"))
+        bad += 1
+    if not bad:
+        report.add(Finding(CHECK, "pass", f"manifest: {len(manifest.files)} files, sizes and sha256 match"))
+
+
+def check_config_block(ckpt: ConvertedCheckpoint, report: Report) -> None:
+    block, profile = ckpt.block, ckpt.profile
+    problems = []
+    if (block.use_shuffled_weight, block.weight_layout) != (profile.flags.use_shuffled_weight, profile.flags.weight_layout):
+        problems.append(
+            f"kernel flags use_shuffled_weight={block.use_shuffled_weight}, weight_layout={block.weight_layout} "
+            f"do not match profile {profile.name!r}"
+        )
+    first = block.shapes[0]
+    seen = set()
+    for entry in block.shapes:
+        par = entry.parallel
+        try:
+            par.validate(ckpt.shape)
+        except ConvertError as exc:
+            problems.append(f"shape {par.dirname}: {exc}")
+            continue
+        if (entry.tp, entry.ep) in seen:
+            problems.append(f"shape {par.dirname} listed twice")
+        seen.add((entry.tp, entry.ep))
+        expect = {
+            "moe_tp": par.moe_tp,
+            "padded_intermediate_size": par.padded_intermediate_size(ckpt.shape),
+            "experts_per_rank": par.experts_per_rank(ckpt.shape),
+            "dir": output_format.shape_dir(par),
+        }
+        for key, want in expect.items():
+            if getattr(entry, key) != want:
+                problems.append(f"shape {par.dirname}: {key} = {getattr(entry, key)!r}, expected {want!r}")
+    top = ckpt.config[output_format.CONFIG_BLOCK_KEY]
+    for key in ("tp", "ep", "moe_tp", "padded_intermediate_size"):
+        if top.get(key) != getattr(first, key):
+            problems.append(f"top-level {key} = {top.get(key)!r} disagrees with shapes[0] ({getattr(first, key)!r})")
+    for p in problems:
+        report.add(Finding(CHECK, "fail", f"config.json mm_convert block: {p}"))
+    if not problems:
+        report.add(Finding(CHECK, "pass", f"config block: profile {profile.name}, {len(block.shapes)} shape(s)"))
+
+
+def check_shape_files(ckpt: ConvertedCheckpoint, report: Report) -> None:
+    """Per shape: every rank's parts present, metadata and tensor shapes as planned, experts covered once."""
+    for entry in ckpt.block.shapes:
+        try:
+            entry.parallel.validate(ckpt.shape)
+        except ConvertError:
+            continue  # already reported by the config-block check
+        label = entry.parallel.dirname
+        ranks = ckpt.ranks(entry)
+        shapes = ckpt.profile.shapes(ckpt.shape.hidden_size, ranks[0])
+        want_shapes = {
+            "w13_weight": shapes.w13, "w13_weight_scale_inv": shapes.w13_scale,
+            "w2_weight": shapes.w2, "w2_weight_scale_inv": shapes.w2_scale,
+        }
+        coverage: Counter = Counter()  # (layer, moe_tp_rank, expert) -> times present
+        bad = 0
+        existing = sorted(p.name for p in (ckpt.root / entry.dir).glob("rank-*-part-*.safetensors")) \
+            if (ckpt.root / entry.dir).is_dir() else []
+        expected_names = {Path(output_format.rank_part_file_name(entry.parallel, r, p)).name
+                          for r in range(entry.tp) for p in range(entry.parts_per_rank)}
+        for extra in sorted(set(existing) - expected_names):
+            report.add(Finding(CHECK, "fail", f"{entry.dir}/{extra}: not a file of this shape", shape=label))
+            bad += 1
+        for g in ranks:
+            for part in range(entry.parts_per_rank):
+                path = ckpt.part_path(entry, g.rank, part)
+                rel = str(path.relative_to(ckpt.root))
+                if not path.is_file():
+                    report.add(Finding(CHECK, "fail", f"{rel}: missing", shape=label, rank=g.rank))
+                    bad += 1
+                    continue
+                try:
+                    header = read_header(path)
+                except ConvertError as exc:
+                    report.add(Finding(CHECK, "fail", str(exc), shape=label, rank=g.rank))
+                    bad += 1
+                    continue
+                meta = header.metadata or {}
+                want_meta = {
+                    "mm_convert_profile": ckpt.profile.name, "tp": str(entry.tp), "ep": str(entry.ep),
+                    "rank": str(g.rank), "moe_tp_rank": str(g.moe_tp_rank), "moe_ep_rank": str(g.moe_ep_rank),
+                    "local_expert_offset": str(g.first_expert), "local_num_experts": str(g.num_local_experts),
+                }
+                for key, want in want_meta.items():
+                    if meta.get(key) != want:
+                        report.add(Finding(CHECK, "fail", f"{rel}: metadata {key} = {meta.get(key)!r}, expected {want!r}",
+                                           shape=label, rank=g.rank))
+                        bad += 1
+                offset = int(meta.get("local_expert_offset", g.first_expert))
+                count = int(meta.get("local_num_experts", g.num_local_experts))
+                for info in header.tensors:
+                    parsed = output_format.parse_expert_tensor_name(info.name)
+                    if parsed is None:
+                        report.add(Finding(CHECK, "fail", f"{rel}: unexpected tensor {info.name}", shape=label, rank=g.rank))
+                        bad += 1
+                        continue
+                    layer, kind = parsed
+                    if info.dtype != EXPERT_DTYPES[kind] or info.shape != want_shapes[kind]:
+                        report.add(Finding(
+                            CHECK, "fail",
+                            f"{rel}: {info.name} is {info.dtype} {list(info.shape)}, profile {ckpt.profile.name} "
+                            f"expects {EXPERT_DTYPES[kind]} {list(want_shapes[kind])}",
+                            shape=label, layer=layer, rank=g.rank))
+                        bad += 1
+                    if kind == "w13_weight":
+                        for e in range(offset, offset + count):
+                            coverage[(layer, g.moe_tp_rank, e)] += 1
+        for layer in range(ckpt.shape.num_layers):
+            for t in range(entry.moe_tp):
+                for e in range(ckpt.shape.num_experts):
+                    n = coverage[(layer, t, e)]
+                    if n != 1:
+                        report.add(Finding(CHECK, "fail", f"expert present {n} times across the ranks (moe_tp_rank {t})",
+                                           shape=label, layer=layer, expert=e))
+                        bad += 1
+        if not bad:
+            report.add(Finding(CHECK, "pass", f"{entry.tp} ranks x {entry.parts_per_rank} parts: metadata, shapes, "
+                                              f"every expert of every layer once", shape=label))
+
+
+def check_padding_and_scales(ckpt: ConvertedCheckpoint, report: Report, layers: list[int] | None = None) -> None:
+    """Padded rows/columns and scale blocks exactly zero; real scales finite and positive."""
+    for entry in ckpt.block.shapes:
+        try:
+            entry.parallel.validate(ckpt.shape)
+        except ConvertError:
+            continue
+        label = entry.parallel.dirname
+        bad = 0
+        for g in ckpt.ranks(entry):
+            ip, real, ipb, real_b = g.padded_intermediate_size, g.real_rows, g.padded_scale_rows, g.real_scale_rows
+            for layer in layers if layers is not None else range(ckpt.shape.num_layers):
+                try:
+                    t = ckpt.rank_layer(entry, g.rank, layer)
+                    w13 = ckpt.profile.to_major_k(t.w13).view(torch.uint8)
+                    w2 = ckpt.profile.to_major_k(t.w2).view(torch.uint8)
+                except (ConvertError, RuntimeError, ValueError) as exc:
+                    report.add(Finding(CHECK, "fail", f"cannot read: {exc}", shape=label, layer=layer, rank=g.rank))
+                    bad += 1
+                    continue
+                pads = {
+                    "w13_weight up padding": w13[:, real:ip], "w13_weight gate padding": w13[:, ip + real:],
+                    "w2_weight padding": w2[:, :, real:],
+                    "w13_weight_scale_inv up padding": t.w13_scale[:, real_b:ipb],
+                    "w13_weight_scale_inv gate padding": t.w13_scale[:, ipb + real_b:],
+                    "w2_weight_scale_inv padding": t.w2_scale[:, :, real_b:],
+                }
+                for what, region in pads.items():
+                    nonzero = region.reshape(region.shape[0], -1).ne(0).any(dim=1)
+                    for e in nonzero.nonzero().flatten().tolist()[:3]:
+                        report.add(Finding(CHECK, "fail", f"{what} is not zero", shape=label, layer=layer,
+                                           expert=g.first_expert + e, rank=g.rank))
+                        bad += 1
+                reals = {
+                    "w13_weight_scale_inv (up)": t.w13_scale[:, :real_b], "w13_weight_scale_inv (gate)": t.w13_scale[:, ipb:ipb + real_b],
+                    "w2_weight_scale_inv": t.w2_scale[:, :, :real_b],
+                }
+                for what, region in reals.items():
+                    flat = region.reshape(region.shape[0], -1)
+                    wrong = (~torch.isfinite(flat) | (flat <= 0)).any(dim=1)
+                    for e in wrong.nonzero().flatten().tolist()[:3]:
+                        report.add(Finding(CHECK, "fail", f"{what}: a real scale block is not finite and positive",
+                                           shape=label, layer=layer, expert=g.first_expert + e, rank=g.rank))
+                        bad += 1
+                nan = ((w13 & 0x7F) == 0x7F).reshape(w13.shape[0], -1).any(dim=1) | \
+                      ((w2 & 0x7F) == 0x7F).reshape(w2.shape[0], -1).any(dim=1)
+                for e in nan.nonzero().flatten().tolist()[:3]:
+                    report.add(Finding(CHECK, "fail", "FP8 weight holds NaN", shape=label, layer=layer,
+                                       expert=g.first_expert + e, rank=g.rank))
+                    bad += 1
+        if not bad:
+            report.add(Finding(CHECK, "pass", "padding exactly zero; real scales finite and positive; no FP8 NaN",
+                               shape=label))
+
+
+def check_index(ckpt: ConvertedCheckpoint, report: Report) -> None:
+    index_path = ckpt.root / output_format.INDEX_NAME
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError) as exc:
+        report.add(Finding(CHECK, "fail", f"{output_format.INDEX_NAME}: unreadable ({type(exc).__name__})"))
+        return
+    bad = 0
+    files: dict[str, set[str]] = {}
+    for name, file_name in weight_map.items():
+        files.setdefault(file_name, set()).add(name)
+    for file_name, names in sorted(files.items()):
+        try:
+            present = {t.name for t in read_header(ckpt.root / file_name).tensors}
+        except ConvertError as exc:
+            report.add(Finding(CHECK, "fail", str(exc)))
+            bad += 1
+            continue
+        if present != names:
+            report.add(Finding(CHECK, "fail", f"{file_name}: holds {len(present)} tensors, the index lists {len(names)}"))
+            bad += 1
+    if not bad:
+        report.add(Finding(CHECK, "pass", f"index: {len(weight_map)} non-expert tensors in {len(files)} shard(s)"))
+
+
+def run(ckpt: ConvertedCheckpoint, report: Report, layers: list[int] | None = None, on_bytes=None) -> None:
+    check_manifest(ckpt, report, on_bytes)
+    check_config_block(ckpt, report)
+    check_index(ckpt, report)
+    check_shape_files(ckpt, report)
+    check_padding_and_scales(ckpt, report, layers)
