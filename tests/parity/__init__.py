@@ -1,0 +1,1 @@
+"""Parity tests against real serving engines (separate tier: each needs its engine's package)."""
