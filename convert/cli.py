@@ -111,11 +111,13 @@ def validate(
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda for the reference backend (default: cuda if present)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full JSON report here."),
     record: bool = typer.Option(False, "--record", help="Also record the summary in OUT/mm_convert.json (for the model card)."),
+    checks: str = typer.Option("structure,exact,kernel", "--checks", help="Which checks to run (exact needs --source)."),
 ):
     """Prove a converted checkpoint complete, exact and kernel-ready; exit non-zero if any check fails."""
     from validators.run import parse_layers, record_summary, validate as run_validate
 
-    result = run_validate(out, source, kernel, parse_layers(layers), tokens, seed, device)
+    result = run_validate(out, source, kernel, parse_layers(layers), tokens, seed, device,
+                          tuple(c.strip() for c in checks.split(",") if c.strip()))
     typer.echo(result.render())
     if report is not None:
         result.save(report)

@@ -105,10 +105,15 @@ def _random_fp8(shape: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Ten
     return q.view(torch.float8_e4m3fn), scale
 
 
-def synthetic_tensors(spec: SyntheticSpec, dtype: str, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the checkpoint, layer by layer, generated deterministically from `seed`."""
+def synthetic_tensors(spec: SyntheticSpec, dtype: str, seed: int, device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint, layer by layer, generated deterministically from `seed`.
+
+    `device="cuda"` draws and quantises the linear weights on the GPU (for real-size benchmark
+    layers); the bytes then depend on the device's random generator.
+    """
     shape = _shape_of(spec)
     gen = torch.Generator().manual_seed(seed)
+    dev_gen = gen if device == "cpu" else torch.Generator(device=device).manual_seed(seed)
 
     def bf16(s: tuple[int, ...], std: float = WEIGHT_STD) -> torch.Tensor:
         return (torch.randn(s, generator=gen) * std).to(torch.bfloat16)
@@ -119,9 +124,10 @@ def synthetic_tensors(spec: SyntheticSpec, dtype: str, seed: int) -> Iterator[tu
             yield name, q
             yield name + "_scale_inv", scale
         elif dtype == "fp8":
-            q, scale = quantize_fp8_block(bf16(s))
-            yield name, q
-            yield name + "_scale_inv", scale
+            w = (torch.randn(s, generator=dev_gen, device=device) * WEIGHT_STD).to(torch.bfloat16)
+            q, scale = quantize_fp8_block(w)
+            yield name, q.cpu()
+            yield name + "_scale_inv", scale.cpu()
         else:
             yield name, bf16(s)
 
@@ -152,7 +158,8 @@ AUX_FILES = {
 }
 
 
-def make_synthetic(out: str | Path, spec: SyntheticSpec = TINY, dtype: str = "fp8", seed: int = 0) -> Path:
+def make_synthetic(out: str | Path, spec: SyntheticSpec = TINY, dtype: str = "fp8", seed: int = 0,
+                   device: str = "cpu") -> Path:
     """Write a synthetic MiniMax-M2 checkpoint folder (config, sharded safetensors, index, aux files)."""
     if dtype not in ("fp8", "bf16"):
         raise ConvertError(f"--dtype must be fp8 or bf16, got {dtype!r}")
@@ -164,7 +171,7 @@ def make_synthetic(out: str | Path, spec: SyntheticSpec = TINY, dtype: str = "fp
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
 
-    tensors = dict(synthetic_tensors(spec, dtype, seed))
+    tensors = dict(synthetic_tensors(spec, dtype, seed, device))
     shards = _assign_shards(tensors, spec.num_shards)
     weight_map: dict[str, str] = {}
     total = 0

@@ -54,28 +54,28 @@ def hidden_states(tokens: int, hidden: int, seed: int, layer: int) -> torch.Tens
     return torch.randn(tokens, hidden, generator=gen)
 
 
-def source_reference(inputs: RoutedInputs, experts: ExpertWeights) -> torch.Tensor:
+def source_reference(inputs: RoutedInputs, experts: ExpertWeights, device: str = "cpu") -> torch.Tensor:
     """float32 MoE over the full (unsliced, unpadded) expert matrices, same FP8 activations."""
-    x = inputs.dequantized_hidden().cpu()
-    ids, weights = unpack_topk(inputs.topk_packed.cpu())
+    x = inputs.dequantized_hidden().to(device)
+    ids, weights = unpack_topk(inputs.topk_packed.to(device))
     out = torch.zeros_like(x)
     for e in torch.unique(ids).tolist():
         tok, slot = (ids == e).nonzero(as_tuple=True)
-        w1, w3, w2 = experts(e)
+        w1, w3, w2 = (m.to(device) for m in experts(e))
         act = torch.nn.functional.silu(x[tok] @ w1.t()) * (x[tok] @ w3.t())
         out.index_add_(0, tok, (act @ w2.t()) * weights[tok, slot, None])
-    return out
+    return out.cpu()
 
 
-def source_experts(source: SourceCheckpoint, layer: int) -> ExpertWeights:
+def source_experts(source: SourceCheckpoint, layer: int, device: str = "cpu") -> ExpertWeights:
     """The FP8 weights the kernel should be running, from the source (BF16 sources quantised here)."""
 
     def get(e: int):
         mats = []
         for proj in ("w1", "w3", "w2"):
-            w = source.read(model.expert_weight_name(layer, e, proj))
+            w = source.read(model.expert_weight_name(layer, e, proj)).to(device)
             if source.kind == "fp8":
-                s = source.read(model.expert_scale_name(layer, e, proj))
+                s = source.read(model.expert_scale_name(layer, e, proj)).to(device)
             else:
                 w, s = quantize_fp8_block(w)
             mats.append(dequantize_fp8_block(w, s))
@@ -145,8 +145,9 @@ def run(ckpt: ConvertedCheckpoint, source: SourceCheckpoint | None, report: Repo
                 report.add(Finding(CHECK, "fail", f"cannot run: {exc}", shape=label, layer=layer))
                 continue
             kernel_seconds = time.monotonic() - started
-            experts = source_experts(source, layer) if source is not None else checkpoint_experts(ckpt, entry, layer)
-            reference = source_reference(inputs, experts)
+            experts = (source_experts(source, layer, backend.device) if source is not None
+                       else checkpoint_experts(ckpt, entry, layer))
+            reference = source_reference(inputs, experts, backend.device)
             metrics = numerics.compare_outputs(out, reference)
             metrics["seconds"] = round(kernel_seconds, 3)
             ok = numerics.passes(metrics, backend.tolerance)
