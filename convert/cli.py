@@ -66,11 +66,13 @@ def convert(
     ep: Optional[int] = typer.Option(None, "--ep", help="Expert-parallel size (divides tp and the experts)."),
     part_size: Optional[str] = typer.Option(None, "--part-size", help="Largest expert part file, e.g. 5GB (default) or 500MB."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda: where quantisation and layout run."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="With a Hub repo id as SOURCE: the revision to fetch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different or unfinished conversion in OUT."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Quantise (BF16 sources), lay out and write the experts for one parallel shape."""
     from convert.execute import ConvertOptions, convert as run_convert
+    from convert.hub import DownloadRecord, download, looks_like_repo_id, source_folder_for
 
     spec = ConvertSpec()
     source_path = source
@@ -81,16 +83,25 @@ def convert(
         r = load_recipe(recipe)
         spec = r.convert
         recipe_name = r.name
-        source_path = source_path or str(prepare_source(r))
+        source_path = source_path or str(prepare_source(r, quiet)[0])
         out = out or r.output_path
     spec = override(spec, profile=profile, tp=tp, ep=ep, device=device,
                     part_size=parse_size(part_size, "--part-size") if part_size else None)
     if source_path is None or out is None:
         _fail("convert needs SOURCE and OUT (or a --recipe that names them)")
+    if looks_like_repo_id(source_path):
+        folder = source_folder_for(source_path, revision)
+        typer.echo(f"{source_path} is a Hub repo: downloading into {folder}", err=True)
+        download(source_path, folder, revision, quiet=quiet)
+        source_path = str(folder)
+    record = DownloadRecord.load(Path(source_path))
     result = run_convert(
         source_path, out,
         ConvertOptions(profile=spec.profile, tp=spec.tp, ep=spec.ep, part_size=spec.part_size, device=spec.device,
-                       overwrite=overwrite, quiet=quiet, recipe_name=recipe_name),
+                       overwrite=overwrite, quiet=quiet, recipe_name=recipe_name,
+                       source_repo=record.repo_id if record else None,
+                       source_revision=record.revision if record else None,
+                       source_sha256=record.sha256s() if record else {}),
     )
     plan = result.plan
     typer.echo(
@@ -125,6 +136,55 @@ def validate(
         record_summary(out, result)
     if not result.passed:
         raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def download(
+    repo_id: str = typer.Argument(..., help="Hub repo id, e.g. MiniMaxAI/MiniMax-M2.5."),
+    directory: Path = typer.Argument(..., help="Folder to download into (a rerun resumes)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit; resolved to a commit and recorded."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+):
+    """Fetch what a conversion needs from a pinned revision; verify every large file's sha256."""
+    from convert.hub import download as run_download
+
+    r = run_download(repo_id, directory, revision, quiet=quiet)
+    typer.echo(f"{repo_id}@{r.record.revision} in {r.folder}: {len(r.downloaded)} files fetched and verified, "
+               f"{len(r.reused)} already there, {r.seconds:.1f} s")
+
+
+@app.command()
+def publish(
+    out: Path = typer.Argument(..., help="A converted checkpoint folder."),
+    repo_id: str = typer.Argument(..., help="Hub repo to create or update."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+    revision: str = typer.Option("main", "--revision", help="Branch to publish to (created if needed)."),
+    batch_size: str = typer.Option("50GB", "--batch-size", help="Largest commit, e.g. 50GB."),
+    allow_failed_validation: bool = typer.Option(False, "--allow-failed-validation", help="Publish even if a recorded validation failed."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Upload in bounded commits (model card, config and manifest last); a rerun uploads only what is missing."""
+    from convert.hub import publish as run_publish
+
+    r = run_publish(out, repo_id, private=private, revision=revision, batch_bytes=parse_size(batch_size, "--batch-size"),
+                    quiet=quiet, allow_failed_validation=allow_failed_validation)
+    if not r.commits:
+        typer.echo(f"{repo_id}@{revision}: already up to date ({len(r.unchanged)} files); nothing uploaded, no commit")
+    else:
+        typer.echo(f"published to {repo_id}@{revision}: {len(r.uploaded)} files ({r.uploaded_bytes / 1e6:.1f} MB) in "
+                   f"{len(r.commits)} commit(s), {len(r.unchanged)} already there, {r.seconds:.1f} s")
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="A recipe (TOML): download -> convert -> validate -> publish."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+):
+    """The whole pipeline of a recipe; each step skipped when its result is already there and verified."""
+    from convert.pipeline import run_recipe
+
+    result = run_recipe(load_recipe(recipe), quiet=quiet)
+    typer.echo(result.render())
 
 
 @app.command()

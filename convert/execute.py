@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from convert import __version__, model, output_format
+from convert.card import license_from_source, render_card
 from convert.errors import ConvertError
 from convert.manifest import Census, DtypeCount, Manifest, SourceIdentity, new_manifest
 from convert.output_format import ConfigBlock, ShapeEntry
@@ -303,13 +304,17 @@ def convert(source_dir: str | os.PathLike, out: str | os.PathLike, options: Conv
                 work, output_format.CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode()
             )
             kept = [r for r in (previous.files if previous else []) if r.path not in records
-                    and not r.path.startswith(new_shape.dir + "/")]
+                    and r.path != output_format.MODEL_CARD_NAME and not r.path.startswith(new_shape.dir + "/")]
             all_records = list(records.values()) + kept
             paths = {r.path: (work.staged_path(r.path) if work.staged_path(r.path).exists() else out / r.path)
                      for r in all_records}
             validation = {k: v for k, v in (previous.validation if previous else {}).items() if k != new_shape.dir}
             manifest = new_manifest(identity, plan.profile.name, options.recipe_record(),
                                     [asdict(s) for s in shapes], all_records, census(paths, source), validation)
+            card_text = render_card(config, manifest, out.name, license_from_source(source.root))
+            records[output_format.MODEL_CARD_NAME] = _small_file(work, output_format.MODEL_CARD_NAME, card_text.encode())
+            manifest.files = [r for r in manifest.files if r.path != output_format.MODEL_CARD_NAME] + \
+                [records[output_format.MODEL_CARD_NAME]]
             work.commit(sorted(records))
             stale = previous.files if previous else []
             for rec in stale:

@@ -1,7 +1,16 @@
-"""The whole job of a recipe: source -> convert -> validate -> publish (`mm-convert run`)."""
+"""The whole job of a recipe: source -> convert -> validate -> publish (`mm-convert run`).
+
+Each step is skipped when its result is already there and verified: a downloaded source whose
+files match the download record, a conversion whose files re-hash to their records (convert
+verifies and rewrites nothing), a validation recorded as passed for the same settings on files that
+did not change, a publish that finds every file already on the Hub.
+"""
 
 from __future__ import annotations
 
+import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from convert.errors import ConvertError
@@ -9,18 +18,135 @@ from convert.recipe import Recipe
 from convert.tiny import TINY, make_synthetic
 
 
+@dataclass
+class StepResult:
+    step: str
+    status: str  # done, skipped, failed
+    seconds: float
+    detail: str
+
+
+@dataclass
+class RunResult:
+    recipe: str
+    steps: list[StepResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(s.status != "failed" for s in self.steps)
+
+    def render(self) -> str:
+        lines = [f"mm-convert run {self.recipe}", f"{'step':<10}{'status':<9}{'seconds':>8}  detail"]
+        lines += [f"{s.step:<10}{s.status:<9}{s.seconds:>8.1f}  {s.detail}" for s in self.steps]
+        return "\n".join(lines)
+
+
 def tiny_source_dir(recipe: Recipe) -> Path:
     return recipe.work_path / f"source-tiny-{recipe.source.tiny_dtype}-seed{recipe.source.tiny_seed}"
 
 
-def prepare_source(recipe: Recipe) -> Path:
-    """The local source folder a recipe converts, making the built-in tiny model if needed."""
+def prepare_source(recipe: Recipe, quiet: bool = False) -> tuple[Path, str]:
+    """The local source folder a recipe converts (made or downloaded if needed), and what happened."""
     spec = recipe.source
     if spec.path is not None:
-        return Path(spec.path)
+        return Path(spec.path), f"local folder {spec.path}"
     if spec.is_tiny:
         folder = tiny_source_dir(recipe)
-        if not (folder / "config.json").is_file():
-            make_synthetic(folder, TINY, spec.tiny_dtype or "fp8", spec.tiny_seed)
-        return folder
-    raise ConvertError(f"{recipe.path}: source {spec.repo_id} is on the Hub; download it first")
+        if (folder / "config.json").is_file():
+            return folder, f"built-in tiny model already at {folder}"
+        make_synthetic(folder, TINY, spec.tiny_dtype or "fp8", spec.tiny_seed)
+        return folder, f"made the built-in tiny model ({spec.tiny_dtype}, seed {spec.tiny_seed}) at {folder}"
+    from convert.hub import download
+
+    folder = recipe.work_path / "source"
+    result = download(spec.repo_id or "", folder, spec.revision, quiet=quiet)
+    return folder, (f"{spec.repo_id}@{result.record.revision[:12]}: {len(result.downloaded)} fetched and verified, "
+                    f"{len(result.reused)} already verified")
+
+
+def _step(result: RunResult, name: str, fn):
+    started = time.monotonic()
+    try:
+        status, detail, value = fn()
+    except ConvertError as exc:
+        result.steps.append(StepResult(name, "failed", time.monotonic() - started, str(exc)))
+        raise
+    result.steps.append(StepResult(name, status, time.monotonic() - started, detail))
+    return value
+
+
+def run_recipe(recipe: Recipe, quiet: bool = False) -> RunResult:
+    from convert.execute import ConvertOptions, convert
+    from convert.hub import DownloadRecord
+    from convert.manifest import Manifest
+
+    result = RunResult(str(recipe.path or recipe.name))
+    out = recipe.output_path
+    spec = recipe.convert
+
+    def source_step():
+        folder, detail = prepare_source(recipe, quiet)
+        return ("skipped" if "already" in detail else "done"), detail, folder
+
+    source = _step(result, "source", source_step)
+    record = DownloadRecord.load(source)
+
+    def convert_step():
+        r = convert(source, out, ConvertOptions(
+            profile=spec.profile, tp=spec.tp, ep=spec.ep, part_size=spec.part_size, device=spec.device, quiet=quiet,
+            source_repo=record.repo_id if record else None, source_revision=record.revision if record else None,
+            source_sha256=record.sha256s() if record else {}, recipe_name=recipe.name))
+        rewritten = r.bytes_written > 1_000_000 or r.files_reused == 0
+        status = "done" if rewritten else "skipped"
+        detail = (f"{r.plan.profile.name} {r.plan.parallel.label} into {out}: {r.bytes_written / 1e6:.1f} MB written, "
+                  f"{r.files_reused} files verified and kept")
+        return status, detail, r
+
+    converted = _step(result, "convert", convert_step)
+
+    def validate_step():
+        from validators.run import record_summary, validate
+
+        v = recipe.validate
+        if not v.enabled:
+            return "skipped", f"[validate] enabled = false in {recipe.path}", None
+        label = converted.plan.parallel.dirname
+        settings = {"kernel_requested": v.kernel, "tokens": v.tokens, "seed": v.seed}
+        previous = Manifest.load(out).validation.get(label)
+        unchanged = converted.bytes_written < 1_000_000 and converted.files_reused > 0
+        if unchanged and previous and previous.get("passed") and previous.get("settings") == settings:
+            return "skipped", f"passed before with the same settings ({previous.get('kernel')}); files unchanged", None
+        rep = validate(out, source, v.kernel, list(v.layers) if v.layers is not None else None, v.tokens, v.seed)
+        record_summary(out, rep, settings)
+        if not rep.passed:
+            raise ConvertError(f"validation failed: {rep.failures()[0].line()} (and {len(rep.failures()) - 1} more)")
+        return "done", f"passed: kernel {rep.kernel_used}, layers {rep.layers}, {len(rep.findings)} checks", rep
+
+    _step(result, "validate", validate_step)
+
+    def publish_step():
+        p = recipe.publish
+        if not p.enabled:
+            return "skipped", (f"[publish] enabled = false in {recipe.path}: nothing uploaded (set it, a repo_id, and "
+                               "HF_TOKEN; HF_ENDPOINT for a local Hub server)"), None
+        if not os.environ.get("HF_TOKEN") and _no_saved_token():
+            return "skipped", "no Hub token (HF_TOKEN or `hf auth login`): nothing uploaded", None
+        from convert.hub import publish
+
+        r = publish(out, p.repo_id or "", private=p.private, revision=p.revision, quiet=quiet)
+        if not r.commits:
+            return "skipped", f"{p.repo_id}@{p.revision}: already up to date ({len(r.unchanged)} files), no commit", r
+        return "done", (f"{p.repo_id}@{p.revision}: {len(r.uploaded)} files ({r.uploaded_bytes / 1e6:.1f} MB) in "
+                        f"{len(r.commits)} commit(s), {len(r.unchanged)} unchanged"), r
+
+    _step(result, "publish", publish_step)
+    return result
+
+
+def _no_saved_token() -> bool:
+    try:
+        from huggingface_hub import get_token
+
+        return get_token() is None
+    except Exception:  # noqa: BLE001
+        return True

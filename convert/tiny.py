@@ -10,18 +10,19 @@ An FP8 checkpoint is the BF16 one with the same seed, block-quantised.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
-from safetensors.torch import save_file
 
 from convert import model
 from convert.errors import ConvertError
 from convert.quant import quantize_fp8_block
+from convert.safetensors_file import DTYPES, HeaderEntry, encode_header, tensor_bytes
 from convert.source import INDEX_NAME
 
 
@@ -49,9 +50,10 @@ REAL_LAYER = SyntheticSpec(
 )
 
 WEIGHT_STD = 0.02
+SYNTHETIC_KEY = "mm_convert_synthetic"  # in config.json: model cards must not call these weights MiniMax-M2.5
 
 
-def config_for(spec: SyntheticSpec, dtype: str) -> dict:
+def config_for(spec: SyntheticSpec, dtype: str, seed: int = 0) -> dict:
     config = {
         "architectures": [model.ARCHITECTURE],
         "attn_type_list": [1] * spec.num_layers,
@@ -81,6 +83,8 @@ def config_for(spec: SyntheticSpec, dtype: str) -> dict:
         "use_qk_norm": True,
         "use_routing_bias": True,
         "vocab_size": spec.vocab_size,
+        SYNTHETIC_KEY: {"made_by": "mm-convert make-tiny", "dtype": dtype, "seed": seed,
+                        "note": "random weights, not a trained model"},
     }
     if dtype == "fp8":
         config["quantization_config"] = {
@@ -97,55 +101,92 @@ def _shape_of(spec: SyntheticSpec) -> model.ModelShape:
     return model.read_model_shape(config_for(spec, "bf16"))
 
 
-def _random_fp8(shape: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random FP8 bytes (NaN encodings avoided) with plausible positive scales."""
-    q = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
-    q[(q & 0x7F) == 0x7F] -= 1
-    scale = torch.rand(model.scale_shape(shape), generator=gen) * 1e-4 + 1e-5
-    return q.view(torch.float8_e4m3fn), scale
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
 
 
-def synthetic_tensors(spec: SyntheticSpec, dtype: str, seed: int, device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the checkpoint, layer by layer, generated deterministically from `seed`.
-
-    `device="cuda"` draws and quantises the linear weights on the GPU (for real-size benchmark
-    layers); the bytes then depend on the device's random generator.
-    """
+def tensor_specs(spec: SyntheticSpec, dtype: str) -> list[TensorSpec]:
+    """Every tensor of the checkpoint (name, dtype, shape), in layer order, before any is drawn."""
     shape = _shape_of(spec)
-    gen = torch.Generator().manual_seed(seed)
-    dev_gen = gen if device == "cpu" else torch.Generator(device=device).manual_seed(seed)
 
-    def bf16(s: tuple[int, ...], std: float = WEIGHT_STD) -> torch.Tensor:
-        return (torch.randn(s, generator=gen) * std).to(torch.bfloat16)
+    def linear(name: str, s: tuple[int, ...]) -> list[TensorSpec]:
+        if dtype == "fp8":
+            return [TensorSpec(name, "F8_E4M3", s), TensorSpec(name + "_scale_inv", "F32", model.scale_shape(s))]
+        return [TensorSpec(name, "BF16", s)]
 
-    def linear(name: str, s: tuple[int, ...]) -> Iterator[tuple[str, torch.Tensor]]:
-        if dtype == "fp8" and spec.random_fp8_bytes:
-            q, scale = _random_fp8(s, gen)
-            yield name, q
-            yield name + "_scale_inv", scale
-        elif dtype == "fp8":
-            w = (torch.randn(s, generator=dev_gen, device=device) * WEIGHT_STD).to(torch.bfloat16)
-            q, scale = quantize_fp8_block(w)
-            yield name, q.cpu()
-            yield name + "_scale_inv", scale.cpu()
-        else:
-            yield name, bf16(s)
-
+    specs: list[TensorSpec] = []
     for name, (s, is_linear) in model.non_expert_tensor_shapes(shape).items():
         if is_linear:
-            yield from linear(name, s)
-        elif name.endswith("gate.weight"):
-            yield name, torch.randn(s, generator=gen) * 0.5  # router logits in fp32, as the model ships
-        elif name.endswith("e_score_correction_bias"):
-            yield name, torch.randn(s, generator=gen) * 0.05
-        elif name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-            yield name, (1.0 + torch.randn(s, generator=gen) * 0.05).to(torch.bfloat16)
+            specs += linear(name, s)
         else:
-            yield name, bf16(s)
+            router = name.endswith("gate.weight") or name.endswith("e_score_correction_bias")
+            specs.append(TensorSpec(name, "F32" if router else "BF16", s))  # the router is fp32, as the model ships
     for layer in range(shape.num_layers):
         for expert in range(shape.num_experts):
             for proj, s in shape.expert_weight_shapes.items():
-                yield from linear(model.expert_weight_name(layer, expert, proj), s)
+                specs += linear(model.expert_weight_name(layer, expert, proj), s)
+    return specs
+
+
+class TensorSource:
+    """Draws each tensor from a generator seeded by (seed, tensor name), so any order gives the
+    same bytes. An FP8 weight is the block quantisation of the BF16 tensor the same seed gives,
+    so an FP8 checkpoint is exactly the quantised BF16 one. `device="cuda"` draws linear weights
+    on the GPU (real-size benchmark layers; bytes then follow the device's generator)."""
+
+    def __init__(self, spec: SyntheticSpec, dtype: str, seed: int, device: str = "cpu"):
+        self.spec, self.dtype, self.seed, self.device = spec, dtype, seed, device
+        self._pending: dict[str, torch.Tensor] = {}  # scales drawn with their weight, not yet asked for
+
+    def _gen(self, name: str, device: str = "cpu") -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+
+    def _bf16(self, name: str, shape: tuple[int, ...], device: str = "cpu") -> torch.Tensor:
+        return (torch.randn(shape, generator=self._gen(name, device), device=device) * WEIGHT_STD).to(torch.bfloat16)
+
+    def tensor(self, t: TensorSpec) -> torch.Tensor:
+        if t.name.endswith("_scale_inv"):
+            base = t.name[: -len("_scale_inv")]
+            if base not in self._pending:
+                self._quantised(base, t)
+            return self._pending.pop(base)
+        if t.dtype == "F8_E4M3":
+            return self._quantised(t.name, t)
+        if t.name.endswith("gate.weight") and t.dtype == "F32":
+            return torch.randn(t.shape, generator=self._gen(t.name)) * 0.5
+        if t.name.endswith("e_score_correction_bias"):
+            return torch.randn(t.shape, generator=self._gen(t.name)) * 0.05
+        if t.name.endswith("norm.weight") or t.name.endswith("layernorm.weight"):
+            return (1.0 + torch.randn(t.shape, generator=self._gen(t.name)) * 0.05).to(torch.bfloat16)
+        return self._bf16(t.name, t.shape)
+
+    def _quantised(self, weight_name: str, t: TensorSpec) -> torch.Tensor:
+        shape = t.shape if not t.name.endswith("_scale_inv") else None
+        weight_shape = shape or self._weight_shape(weight_name)
+        if self.spec.random_fp8_bytes:
+            gen = self._gen(weight_name)
+            q = torch.randint(0, 256, weight_shape, dtype=torch.uint8, generator=gen)
+            q[(q & 0x7F) == 0x7F] -= 1  # no NaN encodings
+            scale = torch.rand(model.scale_shape(weight_shape), generator=gen) * 1e-4 + 1e-5
+            q = q.view(torch.float8_e4m3fn)
+        else:
+            q, scale = quantize_fp8_block(self._bf16(weight_name, weight_shape, self.device))
+            q, scale = q.cpu(), scale.cpu()
+        self._pending[weight_name] = scale
+        return q
+
+    def _weight_shape(self, weight_name: str) -> tuple[int, ...]:
+        for t in tensor_specs(self.spec, self.dtype):
+            if t.name == weight_name:
+                return t.shape
+        raise KeyError(weight_name)
 
 
 AUX_FILES = {
@@ -171,19 +212,20 @@ def make_synthetic(out: str | Path, spec: SyntheticSpec = TINY, dtype: str = "fp
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
 
-    tensors = dict(synthetic_tensors(spec, dtype, seed, device))
-    shards = _assign_shards(tensors, spec.num_shards)
+    specs = tensor_specs(spec, dtype)
+    source = TensorSource(spec, dtype, seed, device)
+    shards = _assign_shards(specs, spec.num_shards)
     weight_map: dict[str, str] = {}
     total = 0
-    for index, names in enumerate(shards):
+    for index, shard in enumerate(shards):
         file_name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: tensors[n] for n in names}, str(building / file_name), metadata={"format": "pt"})
-        for n in names:
-            weight_map[n] = file_name
-            total += tensors[n].numel() * tensors[n].element_size()
+        _write_shard(building / file_name, shard, source)
+        for t in shard:
+            weight_map[t.name] = file_name
+            total += t.nbytes
     index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (building / INDEX_NAME).write_text(json.dumps(index_json, indent=2) + "\n")
-    (building / "config.json").write_text(json.dumps(config_for(spec, dtype), indent=2) + "\n")
+    (building / "config.json").write_text(json.dumps(config_for(spec, dtype, seed), indent=2) + "\n")
     for name, text in AUX_FILES.items():
         (building / name).write_text(text)
     for f in building.iterdir():
@@ -195,20 +237,32 @@ def make_synthetic(out: str | Path, spec: SyntheticSpec = TINY, dtype: str = "fp
     return out
 
 
-def _assign_shards(tensors: dict[str, torch.Tensor], num_shards: int) -> list[list[str]]:
-    names = list(tensors)
+def _write_shard(path: Path, shard: list[TensorSpec], source: TensorSource) -> None:
+    """Header first (offsets are known from shapes), then each tensor as it is drawn: no shard in memory."""
+    entries, offset = [], 0
+    for t in shard:
+        entries.append(HeaderEntry(t.name, t.dtype, t.shape, offset))
+        offset += t.nbytes
+    with open(path, "wb") as f:
+        f.write(encode_header(entries, {"format": "pt"}))
+        for t in shard:
+            data = source.tensor(t).contiguous()
+            f.write(tensor_bytes(data))
+
+
+def _assign_shards(specs: list[TensorSpec], num_shards: int) -> list[list[TensorSpec]]:
     if num_shards <= 1:
-        return [names]
+        return [specs]
     # Scales of expert 0 go to the last shard, away from their weights (real checkpoints do this too).
-    moved = [n for n in names if n.endswith(".experts.0.w1.weight_scale_inv") or n.endswith(".experts.0.w2.weight_scale_inv")]
-    rest = [n for n in names if n not in set(moved)]
-    sizes = [tensors[n].numel() * tensors[n].element_size() for n in rest]
-    target = sum(sizes) / (num_shards - 1)
-    shards: list[list[str]] = [[]]
+    moved = [t for t in specs if t.name.endswith((".experts.0.w1.weight_scale_inv", ".experts.0.w2.weight_scale_inv"))]
+    moved_names = {t.name for t in moved}
+    rest = [t for t in specs if t.name not in moved_names]
+    target = sum(t.nbytes for t in rest) / (num_shards - 1)
+    shards: list[list[TensorSpec]] = [[]]
     acc = 0
-    for n, size in zip(rest, sizes):
+    for t in rest:
         if acc >= target * len(shards) and len(shards) < num_shards - 1:
             shards.append([])
-        shards[-1].append(n)
-        acc += size
+        shards[-1].append(t)
+        acc += t.nbytes
     return shards + [moved] if moved else shards

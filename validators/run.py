@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from convert.errors import ConvertError
+from convert.card import write_card
 from convert.manifest import Manifest
 from convert.source import SourceCheckpoint
 from validators import exact, kernel_check, structure
@@ -27,12 +28,15 @@ def parse_layers(text: str | None) -> list[int] | None:
         raise ConvertError(f"--layers {text!r}: give layer numbers separated by commas, or all") from None
 
 
-def record_summary(out: str | Path, report: Report) -> None:
-    """Keep the report's summary in the manifest, under the shapes it covered."""
+def record_summary(out: str | Path, report: Report, settings: dict | None = None) -> None:
+    """Keep the report's summary in the manifest, under the shapes it covered (and the settings used)."""
     manifest = Manifest.load(Path(out))
+    summary = report.summary()
+    summary["settings"] = settings or {"kernel_requested": report.kernel_requested, "tokens": report.tokens,
+                                       "seed": report.seed}
     for shape in {f.shape for f in report.findings if f.shape} or {"all"}:
-        manifest.validation[shape] = report.summary()
-    manifest.save(Path(out))
+        manifest.validation[shape] = summary
+    write_card(Path(out), manifest)  # the card shows the validation table; saves the manifest too
 
 
 @contextmanager

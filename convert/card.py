@@ -1,0 +1,193 @@
+"""The model card (`README.md`) of a converted checkpoint: metadata and text from the manifest.
+
+Everything it says is read from `config.json` and `mm_convert.json`, so it cannot drift from what
+is in the folder: the source and revision, what was done to the weights, the shapes with the exact
+serving flags, the validation table as recorded, and the command that reproduces it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from convert import model, output_format
+from convert.fsutil import FileRecord, atomic_write_bytes, sha256_file
+from convert.manifest import Manifest
+from convert.output_format import ConfigBlock
+from convert.tiny import SYNTHETIC_KEY
+
+
+def _yaml_str(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid YAML scalar
+
+
+def _metadata(manifest: Manifest, base_model: str | None, license_id: str | None) -> str:
+    lines = ["---"]
+    if base_model:
+        lines += [f"base_model: {_yaml_str(base_model)}", "base_model_relation: quantized"]
+    if license_id:
+        lines.append(f"license: {_yaml_str(license_id)}")
+    else:
+        lines += ["license: other", "license_name: see-source-repository"]
+    lines += [
+        "library_name: sglang",
+        "pipeline_tag: text-generation",
+        "tags:",
+        *(f"- {t}" for t in ("fp8", "mixture-of-experts", "minimax_m2", "flashinfer", "trtllm-routed-moe",
+                             "sglang", "mm-convert", f"profile-{manifest.profile}")),
+        "---",
+    ]
+    return "\n".join(lines)
+
+
+def _validation_table(manifest: Manifest) -> list[str]:
+    if not manifest.validation:
+        return ["Not validated yet: run `mm-convert validate OUT --source SOURCE --record` before publishing."]
+    out = []
+    for shape, summary in sorted(manifest.validation.items()):
+        checks = summary.get("checks", {})
+        verdict = "passed" if summary.get("passed") else "FAILED"
+        counts = ", ".join(f"{c}: {v.get('pass', 0)} pass / {v.get('fail', 0)} fail" for c, v in sorted(checks.items()))
+        out.append(f"**{shape}: {verdict}** ({counts}; "
+                   f"{'checked against the source' if summary.get('source_checked') else 'without the source'}; "
+                   f"kernel `{summary.get('kernel')}`, {summary.get('tokens')} tokens per layer).")
+        if summary.get("kernel_note"):
+            out.append(f"Kernel selection: {summary['kernel_note']}.")
+        rows = summary.get("kernel_rows") or []
+        if rows:
+            out += ["", "| shape | layer | rel L2 | cosine | max abs | in FlashInfer tolerance | status |", "|---|---|---|---|---|---|---|"]
+            out += [f"| {r['shape']} | {r['layer']} | {r['rel_l2']:.2e} | {r['cosine']:.6f} | {r['max_abs']:.2e} | "
+                    f"{r['within_tolerance']:.3f} | {r['status']} |" for r in rows]
+        out.append("")
+    return out
+
+
+def render_card(config: dict, manifest: Manifest, title: str, license_id: str | None = None) -> str:
+    block = ConfigBlock.from_dict(config[output_format.CONFIG_BLOCK_KEY])
+    src = manifest.source
+    base, origin = _origin(config, src)
+    others = [f for f in manifest.files if f.path != output_format.MODEL_CARD_NAME]
+    weights = (
+        "The routed experts were FP8 (e4m3, 128x128 block scales) in the source and were carried over byte for byte."
+        if block.source_kind == "fp8" else
+        "The routed experts were BF16 in the source and were quantised to FP8 e4m3 with 128x128 block scales "
+        "(FlashInfer's rule: scale = amax/448 per block); every other tensor is unchanged."
+    )
+    lines = [
+        _metadata(manifest, base, license_id),
+        "",
+        f"# {title}",
+        "",
+        f"{origin}, with its routed experts pre-laid-out for FlashInfer's TRT-LLM routed FP8 MoE kernel "
+        f"(`{block.kernel}`), the kernel SGLang runs with `--moe-runner-backend {block.moe_runner_backend}`. "
+        f"Made with mm-convert {manifest.tool_version}.",
+        "",
+        "## What was done to the weights",
+        "",
+        f"- {weights}",
+        "- Non-expert tensors (attention, norms, router, embeddings, lm_head) are unchanged, in standard shards "
+        "(`model-*.safetensors` + `model.safetensors.index.json`).",
+        f"- Each rank's experts are stored kernel-ready under `experts/tp{{T}}-ep{{E}}/rank-{{r}}-part-{{p}}.safetensors`, "
+        f"profile `{block.profile}`: "
+        + ("gate/up rows as `[up (w3); gate (w1)]`, the rank's 128-padded slice of the intermediate dimension, "
+           "zero padding; MajorK, unshuffled (byte-identical to what SGLang's loader builds)."
+           if block.profile == "sglang" else
+           "the sglang layout plus TRT-LLM's row shuffle (epilogue tile 64) and BlockMajorK (128) on the weights."),
+        f"- Kernel flags: `use_shuffled_weight={block.use_shuffled_weight}`, `weight_layout={block.weight_layout}`.",
+        "",
+        "## Parallel shapes and serving flags",
+        "",
+        "| shape | moe_tp | ep | experts per rank | I_p (padded) | parts per rank | SGLang flags |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in block.shapes:
+        flags = f"`--tp-size {s.tp} --ep-size {s.ep} --moe-runner-backend {block.moe_runner_backend}`"
+        lines.append(f"| `{s.dir}` | {s.moe_tp} | {s.ep} | {s.experts_per_rank} | {s.padded_intermediate_size} | "
+                     f"{s.parts_per_rank} | {flags} |")
+    lines += [
+        "",
+        "The per-rank expert files hold exactly the `w13_weight`, `w13_weight_scale_inv`, `w2_weight` and "
+        "`w2_weight_scale_inv` buffers of each rank; they are meant to be loaded into those buffers directly. "
+        "SGLang 0.5.23 has no loader for them yet: without one, serve the original checkpoint.",
+        "",
+        "## Validation",
+        "",
+        *_validation_table(manifest),
+        "## Files",
+        "",
+        f"{len(others) + 2} files (this card and `{output_format.MANIFEST_NAME}` included), "
+        f"{sum(f.size for f in others) / 1e9:.2f} GB; `{output_format.MANIFEST_NAME}` lists every file's size and "
+        "sha256 and the tensor census.",
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        *([f"mm-convert download {src.repo_id} SOURCE --revision {src.revision}"] if src.repo_id else
+          [f"mm-convert make-tiny SOURCE --dtype {config[SYNTHETIC_KEY].get('dtype')} --seed {config[SYNTHETIC_KEY].get('seed')}"]
+          if SYNTHETIC_KEY in config else [f"# SOURCE: the local folder {src.path}"]),
+        *(f"mm-convert convert SOURCE OUT --profile {block.profile} --tp {s.tp} --ep {s.ep}" for s in block.shapes),
+        "mm-convert validate OUT --source SOURCE --record",
+        "```",
+        "",
+        "Without a Blackwell GPU the validation runs mm-convert's own Triton routed FP8 MoE (or its torch reference); "
+        "the kernel named above needs SM100/SM103.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _origin(config: dict, src) -> tuple[str | None, str]:
+    """(base_model for the metadata, the sentence saying where the weights come from)."""
+    if src.repo_id:
+        return src.repo_id, (f"[{src.repo_id}](https://huggingface.co/{src.repo_id}) at revision `{src.revision}`")
+    if SYNTHETIC_KEY in config:
+        return None, ("A synthetic, randomly initialised MiniMax-M2-shaped checkpoint made by `mm-convert make-tiny` "
+                      "(not a trained model: for tests and demonstrations only)")
+    shape = model.read_model_shape(config)
+    if (shape.hidden_size, shape.intermediate_size, shape.num_layers, shape.num_experts) == (3072, 1536, 62, 256):
+        return model.BASE_MODEL_REPO, (f"A local copy of a MiniMax-M2.5-shaped checkpoint (`{src.path}`, no Hub "
+                                       f"revision recorded; assumed to be {model.BASE_MODEL_REPO} or a derivative)")
+    return None, f"A MiniMax-M2-architecture checkpoint from the local folder `{src.path}`"
+
+
+def write_card(out: Path, manifest: Manifest, title: str | None = None) -> None:
+    """(Re)write OUT/README.md from config + manifest and keep the manifest's record of it current."""
+    config = json.loads((out / output_format.CONFIG_NAME).read_text())
+    license_id = license_from_source(Path(manifest.source.path)) if manifest.source.path else None
+    path = out / output_format.MODEL_CARD_NAME
+    atomic_write_bytes(path, render_card(config, manifest, title or out.name, license_id).encode())
+    rec = FileRecord(output_format.MODEL_CARD_NAME, path.stat().st_size, sha256_file(path))
+    manifest.files = [f for f in manifest.files if f.path != rec.path] + [rec]
+    manifest.save(out)
+
+
+def license_from_source(source_dir: Path) -> str | None:
+    """The `license:` of the source repository's README front matter, if it has one."""
+    readme = source_dir / "README.md"
+    if not readme.is_file():
+        return None
+    text = readme.read_text(errors="replace")
+    if not text.startswith("---"):
+        return None
+    for line in text.split("---", 2)[1].splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "license":
+            return value.strip().strip("'\"") or None
+    return None
+
+
+def card_metadata(text: str) -> dict[str, Any]:
+    """The YAML front matter as a flat dict (keys and scalar values; lists as lists): for tests."""
+    head = text.split("---", 2)[1]
+    meta: dict[str, Any] = {}
+    key = None
+    for line in head.splitlines():
+        if line.startswith("- ") and key:
+            meta.setdefault(key, []).append(line[2:].strip())
+        elif ":" in line:
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if value.strip():
+                meta[key] = value.strip().strip('"')
+    return meta

@@ -1,0 +1,358 @@
+"""The Hugging Face Hub: download a pinned source, publish a converted checkpoint.
+
+Only public `huggingface_hub` calls present in 1.x and 2.x are used: `HfApi.model_info`,
+`list_repo_tree`, `snapshot_download`, `create_repo`, `create_branch`, `preupload_lfs_files`,
+`create_commit`, `validate_yaml`. Without Xet on the server set `HF_HUB_DISABLE_XET=1` (read at import
+time). The token comes from the usual places (`HF_TOKEN`, the saved login) and is never printed,
+logged or written: every message that leaves this module is passed through `redact`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from convert import card, model, output_format
+from convert.errors import ConvertError
+from convert.fsutil import atomic_write_bytes, sha256_file
+from convert.manifest import Manifest
+from convert.progress import byte_bar
+from convert.source import INDEX_NAME, PICKLE_SUFFIXES
+
+DOWNLOAD_RECORD = ".mm-convert-download.json"
+DISK_MARGIN = 1.02  # 2% slack on top of the bytes still to fetch
+DEFAULT_BATCH_BYTES = 50 * 10**9  # per commit: several commits for a 230 GB checkpoint
+REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
+# Files published last, in the final commit: a repo without them never looks complete.
+FINAL_FILES = (output_format.MODEL_CARD_NAME, output_format.CONFIG_NAME, output_format.MANIFEST_NAME)
+
+
+def redact(text: str) -> str:
+    """Remove anything that looks like a Hub token, and the current token itself."""
+    text = _TOKEN_RE.sub("hf_***", str(text))
+    token = _current_token()
+    return text.replace(token, "***") if token else text
+
+
+def _current_token() -> str | None:
+    try:
+        from huggingface_hub import get_token
+
+        return get_token()
+    except Exception:  # noqa: BLE001 - no token is a normal state
+        return None
+
+
+def looks_like_repo_id(text: str) -> bool:
+    return bool(REPO_ID_RE.match(text)) and not Path(text).exists()
+
+
+def _api():
+    from huggingface_hub import HfApi
+
+    return HfApi()
+
+
+def _hub_error(action: str, exc: Exception) -> ConvertError:
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ConvertError(redact(f"{action}: {'HTTP ' + str(status) + ': ' if status else ''}{first}"))
+
+
+# -- download -----------------------------------------------------------------------------------
+
+
+def wanted(path: str) -> bool:
+    """Files a conversion needs: weights, index, config, tokenizer, templates, remote code, licence, card."""
+    name = Path(path).name
+    if "/" in path:
+        return False  # docs/, figures/ and other folders are not part of a checkpoint
+    if name.endswith(".safetensors") or name in (INDEX_NAME, "config.json", "README.md"):
+        return True
+    return any(fnmatch.fnmatch(name, p) for p in model.AUXILIARY_FILE_PATTERNS)
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str
+    size: int
+    sha256: str | None  # LFS files: the Hub's sha256 of the content
+    blob_id: str  # git blob sha1
+
+
+@dataclass
+class DownloadRecord:
+    """What `download` fetched and verified, kept beside the files (`.mm-convert-download.json`)."""
+
+    repo_id: str
+    revision: str  # the commit sha the requested revision resolved to
+    requested_revision: str | None
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> size, sha256, mtime_ns
+
+    @classmethod
+    def load(cls, folder: Path) -> "DownloadRecord | None":
+        try:
+            d = json.loads((folder / DOWNLOAD_RECORD).read_text())
+            return cls(d["repo_id"], d["revision"], d.get("requested_revision"), d.get("files", {}))
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def save(self, folder: Path) -> None:
+        atomic_write_bytes(folder / DOWNLOAD_RECORD, (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode())
+
+    def sha256s(self) -> dict[str, str]:
+        return {p: f["sha256"] for p, f in self.files.items() if f.get("sha256")}
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    folder: Path
+    record: DownloadRecord
+    downloaded: list[str]
+    reused: list[str]
+    seconds: float
+
+
+def remote_files(repo_id: str, revision: str | None) -> tuple[str, list[RemoteFile]]:
+    """Resolve `revision` to a commit sha and list the repo's files at that commit, with sizes and LFS sha256."""
+    api = _api()
+    try:
+        info = api.model_info(repo_id, revision=revision)
+        sha = info.sha
+        if not sha:
+            raise ConvertError(f"{repo_id}@{revision}: the Hub returned no commit sha")
+        entries = api.list_repo_tree(repo_id, revision=sha, recursive=True, expand=True)
+        files = [
+            RemoteFile(e.path, int(e.size), e.lfs.sha256 if getattr(e, "lfs", None) else None, e.blob_id)
+            for e in entries if hasattr(e, "size")
+        ]
+    except ConvertError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many types; report one line
+        raise _hub_error(f"{repo_id}@{revision or 'main'}: cannot read the repository", exc) from exc
+    return sha, files
+
+
+def _file_ok(folder: Path, rec: dict[str, Any] | None, remote: RemoteFile) -> bool:
+    path = folder / remote.path
+    if rec is None or not path.is_file():
+        return False
+    st = path.stat()
+    return st.st_size == remote.size == rec.get("size") and st.st_mtime_ns == rec.get("mtime_ns") and \
+        rec.get("sha256") == remote.sha256
+
+
+def download(repo_id: str, folder: str | Path, revision: str | None = None, quiet: bool = False,
+             max_workers: int = 8) -> DownloadResult:
+    """Fetch what a conversion needs from a pinned revision, check disk space first, verify every
+    large file's sha256 against the Hub's LFS oid, and record the result (a rerun skips verified files)."""
+    started = time.monotonic()
+    folder = Path(folder)
+    sha, files = remote_files(repo_id, revision)
+    needed = [f for f in files if wanted(f.path)]
+    pickles = [f.path for f in files if f.path.endswith(PICKLE_SUFFIXES)]
+    if not any(f.path.endswith(".safetensors") for f in needed):
+        hint = f" (it has pickle files such as {pickles[0]}, which are never loaded)" if pickles else ""
+        raise ConvertError(f"{repo_id}@{sha}: no safetensors weights{hint}")
+    folder.mkdir(parents=True, exist_ok=True)
+    record = DownloadRecord.load(folder)
+    if record is not None and (record.repo_id, record.revision) != (repo_id, sha):
+        raise ConvertError(
+            f"{folder}: holds {record.repo_id}@{record.revision[:12]}, not {repo_id}@{sha[:12]}; use another folder"
+        )
+    record = record or DownloadRecord(repo_id, sha, revision)
+    done = [f for f in needed if _file_ok(folder, record.files.get(f.path), f)]
+    todo = [f for f in needed if f not in done]
+
+    missing_bytes = sum(f.size - _partial_size(folder, f) for f in todo)
+    free = shutil.disk_usage(folder).free
+    if missing_bytes * DISK_MARGIN > free:
+        raise ConvertError(
+            f"{folder}: {repo_id} needs {missing_bytes / 1e9:.1f} GB more but only {free / 1e9:.1f} GB is free"
+        )
+
+    if todo:
+        _fetch(repo_id, sha, folder, [f.path for f in todo], quiet, max_workers)
+        with byte_bar(sum(f.size for f in todo), "verify sha256", quiet) as bar:
+            for f in todo:
+                _verify(folder, f, record, bar.update)
+                record.save(folder)  # after each file: an interrupted verification keeps what it proved
+    record.save(folder)
+    return DownloadResult(folder, record, [f.path for f in todo], [f.path for f in done], time.monotonic() - started)
+
+
+def _partial_size(folder: Path, f: RemoteFile) -> int:
+    path = folder / f.path
+    return min(path.stat().st_size, f.size) if path.is_file() else 0
+
+
+def _fetch(repo_id: str, sha: str, folder: Path, paths: list[str], quiet: bool, max_workers: int) -> None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    if quiet:
+        disable_progress_bars()
+    try:
+        snapshot_download(repo_id, revision=sha, local_dir=folder, allow_patterns=paths, max_workers=max_workers)
+    except Exception as exc:  # noqa: BLE001
+        raise _hub_error(f"{repo_id}@{sha[:12]}: download failed (a rerun resumes)", exc) from exc
+    finally:
+        if quiet:
+            enable_progress_bars()
+
+
+def _verify(folder: Path, f: RemoteFile, record: DownloadRecord, on_bytes) -> None:
+    path = folder / f.path
+    size = path.stat().st_size
+    if size != f.size:
+        _discard(folder, f.path)
+        raise ConvertError(f"{path}: {size} bytes, the Hub says {f.size}; removed, rerun to fetch it again")
+    digest = sha256_file(path, on_bytes) if f.sha256 else None
+    if f.sha256 and digest != f.sha256:
+        _discard(folder, f.path)
+        raise ConvertError(f"{path}: sha256 {digest[:16]}... does not match the Hub's {f.sha256[:16]}...; "
+                           "removed, rerun to fetch it again")
+    record.files[f.path] = {"size": size, "sha256": digest, "mtime_ns": path.stat().st_mtime_ns}
+
+
+def _discard(folder: Path, rel: str) -> None:
+    (folder / rel).unlink(missing_ok=True)
+    # huggingface_hub's local-dir metadata would otherwise mark the bad file as complete.
+    for meta in (folder / ".cache" / "huggingface" / "download").glob(f"{rel}.*"):
+        meta.unlink(missing_ok=True)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MM_CONVERT_CACHE", Path.home() / ".cache" / "mm-convert"))
+
+
+def source_folder_for(repo_id: str, revision: str | None) -> Path:
+    return cache_dir() / (repo_id.replace("/", "--") + "@" + (revision or "main"))
+
+
+# -- publish ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    repo_id: str
+    revision: str
+    commits: list[str]
+    uploaded: list[str]
+    unchanged: list[str]
+    uploaded_bytes: int
+    seconds: float
+
+
+def _git_blob_sha1(path: Path) -> str:
+    import hashlib
+
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _inside(out: Path, rel: str) -> Path:
+    path = out / rel
+    resolved = path.resolve()
+    if out.resolve() not in resolved.parents or path.is_symlink():
+        raise ConvertError(f"{path}: outside {out} or a symbolic link; only files inside OUT are published")
+    return path
+
+
+def _batches(paths: list[tuple[str, int]], limit: int) -> Iterator[list[tuple[str, int]]]:
+    batch: list[tuple[str, int]] = []
+    size = 0
+    for rel, n in paths:
+        if batch and size + n > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append((rel, n))
+        size += n
+    if batch:
+        yield batch
+
+
+def publish(out: str | Path, repo_id: str, private: bool = True, revision: str = "main",
+            batch_bytes: int = DEFAULT_BATCH_BYTES, quiet: bool = False, allow_failed_validation: bool = False
+            ) -> PublishResult:
+    """Upload a finished conversion in bounded commits, the card/config/manifest last; idempotent."""
+    from huggingface_hub import CommitOperationAdd
+
+    started = time.monotonic()
+    out = Path(out)
+    if not REPO_ID_RE.match(repo_id):
+        raise ConvertError(f"{repo_id!r} is not a Hub repo id (namespace/name)")
+    manifest = Manifest.load(out)
+    failed = [k for k, v in manifest.validation.items() if not v.get("passed")]
+    if failed and not allow_failed_validation:
+        raise ConvertError(f"{out}: validation failed for {', '.join(failed)}; fix it or pass --allow-failed-validation")
+    card.write_card(out, manifest, repo_id)
+    api = _api()
+
+    try:
+        api.validate_yaml((out / output_format.MODEL_CARD_NAME).read_text(), repo_type="model")
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        remote = {e.path: e for e in api.list_repo_tree(repo_id, revision=revision, recursive=True, expand=True)
+                  if hasattr(e, "size")}
+    except Exception as exc:  # noqa: BLE001
+        raise _hub_error(f"publish to {repo_id}", exc) from exc
+
+    records = {f.path: f for f in manifest.files}
+    todo: list[tuple[str, int]] = []
+    unchanged: list[str] = []
+    for rel in sorted(records) + [output_format.MANIFEST_NAME]:
+        path = _inside(out, rel)
+        size = path.stat().st_size
+        r = remote.get(rel)
+        same = False
+        if r is not None and r.size == size:
+            lfs = getattr(r, "lfs", None)
+            if lfs is not None and rel in records:
+                same = lfs.sha256 == records[rel].sha256
+            else:
+                same = r.blob_id == _git_blob_sha1(path)
+        if same:
+            unchanged.append(rel)
+        else:
+            todo.append((rel, size))
+    bulk = [t for t in todo if t[0] not in FINAL_FILES]
+    final = [t for t in todo if t[0] in FINAL_FILES]
+
+    commits: list[str] = []
+    uploaded_bytes = 0
+    groups = list(_batches(bulk, batch_bytes)) + ([final] if final else [])
+    with byte_bar(sum(n for _, n in todo), f"publish {repo_id}", quiet) as bar:
+        for i, group in enumerate(groups, 1):
+            ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(_inside(out, rel))) for rel, _ in group]
+            is_final = group is final
+            message = ("mm-convert: model card, config and manifest (publish complete)" if is_final else
+                       f"mm-convert: upload part {i} of {len(groups) - (1 if final else 0)} ({len(group)} files)")
+            try:
+                api.preupload_lfs_files(repo_id, additions=ops, revision=revision)
+                for op in ops:
+                    rec = records.get(op.path_in_repo)
+                    if rec is not None and op.upload_info.sha256.hex() != rec.sha256:
+                        raise ConvertError(f"{out / op.path_in_repo}: changed since conversion (sha256 differs from "
+                                           f"{output_format.MANIFEST_NAME}); validate or reconvert before publishing")
+                info = api.create_commit(repo_id, operations=ops, commit_message=message, revision=revision)
+            except ConvertError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise _hub_error(f"publish to {repo_id}: commit {i} of {len(groups)} failed (files so far are kept "
+                                 "on the Hub; a rerun uploads only what is missing)", exc) from exc
+            commits.append(info.oid)
+            size = sum(n for _, n in group)
+            uploaded_bytes += size
+            bar.update(size)
+    return PublishResult(repo_id, revision, commits, [rel for rel, _ in todo], unchanged, uploaded_bytes,
+                         time.monotonic() - started)
