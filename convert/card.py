@@ -63,10 +63,18 @@ def _validation_table(manifest: Manifest) -> list[str]:
     return out
 
 
-def render_card(config: dict, manifest: Manifest, title: str, license_id: str | None = None) -> str:
+def _title(config: dict, block: ConfigBlock, base: str | None) -> str:
+    shapes = ", ".join(s.parallel.label for s in block.shapes)
+    name = base.split("/")[-1] if base else ("Synthetic tiny MiniMax-M2" if SYNTHETIC_KEY in config else "MiniMax-M2")
+    return f"{name}, FP8 experts laid out for the routed TRT-LLM MoE kernel ({block.profile} profile; {shapes})"
+
+
+def render_card(config: dict, manifest: Manifest, license_id: str | None = None) -> str:
+    """The card's text. It names no Hub repo of its own, so the published card is the local one."""
     block = ConfigBlock.from_dict(config[output_format.CONFIG_BLOCK_KEY])
     src = manifest.source
     base, origin = _origin(config, src)
+    title = _title(config, block, base)
     others = [f for f in manifest.files if f.path != output_format.MODEL_CARD_NAME]
     weights = (
         "The routed experts were FP8 (e4m3, 128x128 block scales) in the source and were carried over byte for byte."
@@ -151,12 +159,12 @@ def _origin(config: dict, src) -> tuple[str | None, str]:
     return None, f"A MiniMax-M2-architecture checkpoint from the local folder `{src.path}`"
 
 
-def write_card(out: Path, manifest: Manifest, title: str | None = None) -> None:
+def write_card(out: Path, manifest: Manifest) -> None:
     """(Re)write OUT/README.md from config + manifest and keep the manifest's record of it current."""
     config = json.loads((out / output_format.CONFIG_NAME).read_text())
     license_id = license_from_source(Path(manifest.source.path)) if manifest.source.path else None
     path = out / output_format.MODEL_CARD_NAME
-    atomic_write_bytes(path, render_card(config, manifest, title or out.name, license_id).encode())
+    atomic_write_bytes(path, render_card(config, manifest, license_id).encode())
     rec = FileRecord(output_format.MODEL_CARD_NAME, path.stat().st_size, sha256_file(path))
     manifest.files = [f for f in manifest.files if f.path != rec.path] + [rec]
     manifest.save(out)

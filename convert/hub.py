@@ -2,8 +2,11 @@
 
 Only public `huggingface_hub` calls present in 1.x and 2.x are used: `HfApi.model_info`,
 `list_repo_tree`, `snapshot_download`, `create_repo`, `create_branch`, `preupload_lfs_files`,
-`create_commit`, `validate_yaml`. Without Xet on the server set `HF_HUB_DISABLE_XET=1` (read at import
-time). The token comes from the usual places (`HF_TOKEN`, the saved login) and is never printed,
+`create_commit` (which validates README.md's metadata with the endpoint itself). Without Xet on the
+server set `HF_HUB_DISABLE_XET=1` (read at import time). The client neither checks a download's
+sha256 (only its size) nor puts a timeout on transfers, so `download` hashes every LFS file against
+the Hub's oid, and both directions run with a 60 s inactivity timeout: a stalled transfer fails
+instead of hanging, and a rerun resumes. The token comes from the usual places (`HF_TOKEN`, the saved login) and is never printed,
 logged or written: every message that leaves this module is passed through `redact`.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+from contextlib import contextmanager
 import os
 import re
 import shutil
@@ -19,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from convert import card, model, output_format
+from convert import model, output_format
 from convert.errors import ConvertError
 from convert.fsutil import atomic_write_bytes, sha256_file
 from convert.manifest import Manifest
@@ -61,10 +65,31 @@ def _api():
     return HfApi()
 
 
+@contextmanager
+def _bounded_timeouts(seconds: float = 60.0):
+    """huggingface_hub's HTTP client has no timeout; give it one for the duration of a call."""
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils._http import default_client_factory
+
+    def factory():
+        client = default_client_factory()
+        client.timeout = type(client.timeout)(seconds, connect=min(10.0, seconds))  # httpx (1.x) or httpx2 (2.x)
+        return client
+
+    set_client_factory(factory)
+    try:
+        yield
+    finally:
+        set_client_factory(default_client_factory)
+
+
 def _hub_error(action: str, exc: Exception) -> ConvertError:
+    """One line: what failed, the HTTP status, and the server's own message when it sent one."""
     status = getattr(getattr(exc, "response", None), "status_code", None)
+    server = getattr(exc, "server_message", None)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return ConvertError(redact(f"{action}: {'HTTP ' + str(status) + ': ' if status else ''}{first}"))
+    detail = f"{server} ({first})" if server else first
+    return ConvertError(redact(f"{action}: {'HTTP ' + str(status) + ': ' if status else ''}{detail}"))
 
 
 # -- download -----------------------------------------------------------------------------------
@@ -73,9 +98,11 @@ def _hub_error(action: str, exc: Exception) -> ConvertError:
 def wanted(path: str) -> bool:
     """Files a conversion needs: weights, index, config, tokenizer, templates, remote code, licence, card."""
     name = Path(path).name
+    if path.startswith(output_format.EXPERTS_DIR + "/") and name.endswith(".safetensors"):
+        return True  # a converted checkpoint's per-rank experts
     if "/" in path:
         return False  # docs/, figures/ and other folders are not part of a checkpoint
-    if name.endswith(".safetensors") or name in (INDEX_NAME, "config.json", "README.md"):
+    if name.endswith(".safetensors") or name in (INDEX_NAME, "config.json", "README.md", output_format.MANIFEST_NAME):
         return True
     return any(fnmatch.fnmatch(name, p) for p in model.AUXILIARY_FILE_PATTERNS)
 
@@ -129,7 +156,7 @@ def remote_files(repo_id: str, revision: str | None) -> tuple[str, list[RemoteFi
         sha = info.sha
         if not sha:
             raise ConvertError(f"{repo_id}@{revision}: the Hub returned no commit sha")
-        entries = api.list_repo_tree(repo_id, revision=sha, recursive=True, expand=True)
+        entries = api.list_repo_tree(repo_id, revision=sha, recursive=True)
         files = [
             RemoteFile(e.path, int(e.size), e.lfs.sha256 if getattr(e, "lfs", None) else None, e.blob_id)
             for e in entries if hasattr(e, "size")
@@ -150,6 +177,7 @@ def _file_ok(folder: Path, rec: dict[str, Any] | None, remote: RemoteFile) -> bo
         rec.get("sha256") == remote.sha256
 
 
+@_bounded_timeouts()
 def download(repo_id: str, folder: str | Path, revision: str | None = None, quiet: bool = False,
              max_workers: int = 8) -> DownloadResult:
     """Fetch what a conversion needs from a pinned revision, check disk space first, verify every
@@ -181,10 +209,17 @@ def download(repo_id: str, folder: str | Path, revision: str | None = None, quie
 
     if todo:
         _fetch(repo_id, sha, folder, [f.path for f in todo], quiet, max_workers)
+        bad: list[ConvertError] = []
         with byte_bar(sum(f.size for f in todo), "verify sha256", quiet) as bar:
             for f in todo:
-                _verify(folder, f, record, bar.update)
+                try:
+                    _verify(folder, f, record, bar.update)
+                except ConvertError as exc:
+                    bad.append(exc)  # keep verifying the others: a rerun then fetches only the bad ones
                 record.save(folder)  # after each file: an interrupted verification keeps what it proved
+        if bad:
+            more = f" ({len(bad) - 1} more files also failed)" if len(bad) > 1 else ""
+            raise ConvertError(f"{bad[0]}{more}")
     record.save(folder)
     return DownloadResult(folder, record, [f.path for f in todo], [f.path for f in done], time.monotonic() - started)
 
@@ -194,19 +229,34 @@ def _partial_size(folder: Path, f: RemoteFile) -> int:
     return min(path.stat().st_size, f.size) if path.is_file() else 0
 
 
-def _fetch(repo_id: str, sha: str, folder: Path, paths: list[str], quiet: bool, max_workers: int) -> None:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+@contextmanager
+def _hub_bars(quiet: bool):
+    """huggingface_hub's own progress bars and retry chatter follow --quiet too."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import logging as hub_logging
 
+    was_disabled = are_progress_bars_disabled()
+    verbosity = hub_logging.get_verbosity()
     if quiet:
         disable_progress_bars()
+        hub_logging.set_verbosity_error()
     try:
-        snapshot_download(repo_id, revision=sha, local_dir=folder, allow_patterns=paths, max_workers=max_workers)
-    except Exception as exc:  # noqa: BLE001
-        raise _hub_error(f"{repo_id}@{sha[:12]}: download failed (a rerun resumes)", exc) from exc
+        yield
     finally:
         if quiet:
-            enable_progress_bars()
+            hub_logging.set_verbosity(verbosity)
+            if not was_disabled:
+                enable_progress_bars()
+
+
+def _fetch(repo_id: str, sha: str, folder: Path, paths: list[str], quiet: bool, max_workers: int) -> None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        with _hub_bars(quiet):
+            snapshot_download(repo_id, revision=sha, local_dir=folder, allow_patterns=paths, max_workers=max_workers)
+    except Exception as exc:  # noqa: BLE001
+        raise _hub_error(f"{repo_id}@{sha[:12]}: download failed (a rerun resumes)", exc) from exc
 
 
 def _verify(folder: Path, f: RemoteFile, record: DownloadRecord, on_bytes) -> None:
@@ -280,10 +330,15 @@ def _batches(paths: list[tuple[str, int]], limit: int) -> Iterator[list[tuple[st
         yield batch
 
 
+@_bounded_timeouts()
 def publish(out: str | Path, repo_id: str, private: bool = True, revision: str = "main",
             batch_bytes: int = DEFAULT_BATCH_BYTES, quiet: bool = False, allow_failed_validation: bool = False
             ) -> PublishResult:
-    """Upload a finished conversion in bounded commits, the card/config/manifest last; idempotent."""
+    """Upload a finished conversion in bounded commits, the card/config/manifest last; idempotent.
+
+    The folder is only read: the card was written by `convert` (and refreshed by `validate --record`),
+    so what is published is byte for byte what is on disk, and every file's sha256 is checked against
+    the manifest on the way."""
     from huggingface_hub import CommitOperationAdd
 
     started = time.monotonic()
@@ -294,15 +349,15 @@ def publish(out: str | Path, repo_id: str, private: bool = True, revision: str =
     failed = [k for k, v in manifest.validation.items() if not v.get("passed")]
     if failed and not allow_failed_validation:
         raise ConvertError(f"{out}: validation failed for {', '.join(failed)}; fix it or pass --allow-failed-validation")
-    card.write_card(out, manifest, repo_id)
+    if not (out / output_format.MODEL_CARD_NAME).is_file():
+        raise ConvertError(f"{out / output_format.MODEL_CARD_NAME}: missing; the folder is not a finished conversion")
     api = _api()
 
     try:
-        api.validate_yaml((out / output_format.MODEL_CARD_NAME).read_text(), repo_type="model")
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        remote = {e.path: e for e in api.list_repo_tree(repo_id, revision=revision, recursive=True, expand=True)
+        remote = {e.path: e for e in api.list_repo_tree(repo_id, revision=revision, recursive=True)
                   if hasattr(e, "size")}
     except Exception as exc:  # noqa: BLE001
         raise _hub_error(f"publish to {repo_id}", exc) from exc
@@ -338,7 +393,8 @@ def publish(out: str | Path, repo_id: str, private: bool = True, revision: str =
             message = ("mm-convert: model card, config and manifest (publish complete)" if is_final else
                        f"mm-convert: upload part {i} of {len(groups) - (1 if final else 0)} ({len(group)} files)")
             try:
-                api.preupload_lfs_files(repo_id, additions=ops, revision=revision)
+                with _hub_bars(quiet):
+                    api.preupload_lfs_files(repo_id, additions=ops, revision=revision)
                 for op in ops:
                     rec = records.get(op.path_in_repo)
                     if rec is not None and op.upload_info.sha256.hex() != rec.sha256:

@@ -45,23 +45,24 @@ def tiny_source_dir(recipe: Recipe) -> Path:
     return recipe.work_path / f"source-tiny-{recipe.source.tiny_dtype}-seed{recipe.source.tiny_seed}"
 
 
-def prepare_source(recipe: Recipe, quiet: bool = False) -> tuple[Path, str]:
-    """The local source folder a recipe converts (made or downloaded if needed), and what happened."""
+def prepare_source(recipe: Recipe, quiet: bool = False) -> tuple[Path, bool, str]:
+    """The local source folder a recipe converts (made or downloaded if needed), whether that took
+    any work, and what happened."""
     spec = recipe.source
     if spec.path is not None:
-        return Path(spec.path), f"local folder {spec.path}"
+        return Path(spec.path), False, f"local folder {spec.path}"
     if spec.is_tiny:
         folder = tiny_source_dir(recipe)
         if (folder / "config.json").is_file():
-            return folder, f"built-in tiny model already at {folder}"
+            return folder, False, f"built-in tiny model already at {folder}"
         make_synthetic(folder, TINY, spec.tiny_dtype or "fp8", spec.tiny_seed)
-        return folder, f"made the built-in tiny model ({spec.tiny_dtype}, seed {spec.tiny_seed}) at {folder}"
+        return folder, True, f"made the built-in tiny model ({spec.tiny_dtype}, seed {spec.tiny_seed}) at {folder}"
     from convert.hub import download
 
     folder = recipe.work_path / "source"
     result = download(spec.repo_id or "", folder, spec.revision, quiet=quiet)
-    return folder, (f"{spec.repo_id}@{result.record.revision[:12]}: {len(result.downloaded)} fetched and verified, "
-                    f"{len(result.reused)} already verified")
+    return folder, bool(result.downloaded), (f"{spec.repo_id}@{result.record.revision[:12]}: {len(result.downloaded)} "
+                                             f"fetched and verified, {len(result.reused)} already verified")
 
 
 def _step(result: RunResult, name: str, fn):
@@ -85,8 +86,8 @@ def run_recipe(recipe: Recipe, quiet: bool = False) -> RunResult:
     spec = recipe.convert
 
     def source_step():
-        folder, detail = prepare_source(recipe, quiet)
-        return ("skipped" if "already" in detail else "done"), detail, folder
+        folder, worked, detail = prepare_source(recipe, quiet)
+        return ("done" if worked else "skipped"), detail, folder
 
     source = _step(result, "source", source_step)
     record = DownloadRecord.load(source)

@@ -84,16 +84,29 @@ def _like(t: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return t.view(reference.dtype) if t.dtype != reference.dtype else t
 
 
+def _weight_out(shape: tuple[int, ...], like: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """The byte buffer to pack into: a new zeroed one, or `out` (reused; padding must be cleared)."""
+    if out is None:
+        return torch.zeros(shape, dtype=torch.uint8, device=like.device), True
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}")
+    return _bytes(out), False
+
+
 # -- sglang ------------------------------------------------------------------------------------
 
 
-def sglang_pack_gate_up(src: GateUp, g: RankGeometry) -> Packed:
+def sglang_pack_gate_up(src: GateUp, g: RankGeometry, out: torch.Tensor | None = None) -> Packed:
+    """`out`, if given, is reused for the weight (a caller's buffer pool); the result is the same."""
     n, _, hidden = src.gate.shape
     ip, real = g.padded_intermediate_size, g.real_rows
     rows = slice(g.row_start, g.row_start + real)
-    weight = torch.zeros((n, 2 * ip, hidden), dtype=torch.uint8, device=src.gate.device)
+    weight, zeroed = _weight_out((n, 2 * ip, hidden), src.gate, out)
     weight[:, :real] = _bytes(src.up)[:, rows]
     weight[:, ip : ip + real] = _bytes(src.gate)[:, rows]
+    if not zeroed:
+        weight[:, real:ip].zero_()
+        weight[:, ip + real :].zero_()
 
     ipb, real_b = g.padded_scale_rows, g.real_scale_rows
     blocks = slice(g.scale_row_start, g.scale_row_start + real_b)
@@ -115,11 +128,13 @@ def sglang_unpack_gate_up(p: Packed, g: RankGeometry) -> GateUp:
     )
 
 
-def sglang_pack_down(src: Down, g: RankGeometry) -> Packed:
+def sglang_pack_down(src: Down, g: RankGeometry, out: torch.Tensor | None = None) -> Packed:
     n, hidden, _ = src.weight.shape
     ip, real = g.padded_intermediate_size, g.real_rows
-    weight = torch.zeros((n, hidden, ip), dtype=torch.uint8, device=src.weight.device)
+    weight, zeroed = _weight_out((n, hidden, ip), src.weight, out)
     weight[:, :, :real] = _bytes(src.weight)[:, :, g.row_start : g.row_start + real]
+    if not zeroed:
+        weight[:, :, real:].zero_()
 
     ipb, real_b = g.padded_scale_rows, g.real_scale_rows
     scale = torch.zeros((n, src.scale.shape[1], ipb), dtype=torch.float32, device=src.weight.device)
@@ -159,12 +174,18 @@ def shuffle_row_indices(rows: int, epilogue_tile_m: int = EPILOGUE_TILE_M) -> to
     return perm
 
 
-def to_block_major_shuffled(w: torch.Tensor) -> torch.Tensor:
-    """`[n, M, K]` MajorK weights -> row-shuffled BlockMajorK `[n, K/128, M, 128]`."""
+def to_block_major_shuffled(w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`[n, M, K]` MajorK weights -> row-shuffled BlockMajorK `[n, K/128, M, 128]`.
+
+    One gather: rows of the `[n, K/128, M, 128]` view of `w` are picked in shuffled order straight
+    into the block-major result (into `out` when given)."""
     n, m, k = w.shape
     perm = shuffle_row_indices(m).to(w.device)
-    shuffled = _bytes(w).index_select(1, perm)
-    return _like(shuffled.reshape(n, m, k // BLOCK_K, BLOCK_K).permute(0, 2, 1, 3).contiguous(), w)
+    blocks = _bytes(w).view(n, m, k // BLOCK_K, BLOCK_K).permute(0, 2, 1, 3)
+    if out is None:
+        return _like(blocks.index_select(2, perm), w)
+    torch.index_select(blocks, 2, perm, out=_bytes(out))
+    return out
 
 
 def from_block_major_shuffled(w: torch.Tensor) -> torch.Tensor:
@@ -175,18 +196,18 @@ def from_block_major_shuffled(w: torch.Tensor) -> torch.Tensor:
     return _like(major_k.index_select(1, inverse).contiguous(), w)
 
 
-def trtllm_pack_gate_up(src: GateUp, g: RankGeometry) -> Packed:
+def trtllm_pack_gate_up(src: GateUp, g: RankGeometry, out: torch.Tensor | None = None) -> Packed:
     p = sglang_pack_gate_up(src, g)
-    return Packed(to_block_major_shuffled(p.weight), p.scale)
+    return Packed(to_block_major_shuffled(p.weight, out), p.scale)
 
 
 def trtllm_unpack_gate_up(p: Packed, g: RankGeometry) -> GateUp:
     return sglang_unpack_gate_up(Packed(from_block_major_shuffled(p.weight), p.scale), g)
 
 
-def trtllm_pack_down(src: Down, g: RankGeometry) -> Packed:
+def trtllm_pack_down(src: Down, g: RankGeometry, out: torch.Tensor | None = None) -> Packed:
     p = sglang_pack_down(src, g)
-    return Packed(to_block_major_shuffled(p.weight), p.scale)
+    return Packed(to_block_major_shuffled(p.weight, out), p.scale)
 
 
 def trtllm_unpack_down(p: Packed, g: RankGeometry) -> Down:
@@ -208,9 +229,9 @@ def trtllm_shapes(hidden: int, g: RankGeometry) -> RankTensorShapes:
 class Profile:
     name: str
     flags: KernelFlags
-    pack_gate_up: Callable[[GateUp, RankGeometry], Packed]
+    pack_gate_up: Callable[..., Packed]  # (GateUp, RankGeometry, out=None) -> Packed
     unpack_gate_up: Callable[[Packed, RankGeometry], GateUp]
-    pack_down: Callable[[Down, RankGeometry], Packed]
+    pack_down: Callable[..., Packed]  # (Down, RankGeometry, out=None) -> Packed
     unpack_down: Callable[[Packed, RankGeometry], Down]
     shapes: Callable[[int, RankGeometry], RankTensorShapes]
     # Undo only the weight re-layout, giving back the sglang (MajorK, unshuffled) tensor.

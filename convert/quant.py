@@ -1,13 +1,13 @@
 """FP8 e4m3 quantisation with 128x128 block scales (SPEC section 2).
 
 Per block of a `[N, K]` weight: `scale = amax(|block|) / 448` in float32 (1.0 for an all-zero
-block), then `q = clamp(w / scale, -448, 448)` cast to float8_e4m3fn (round to nearest even).
+block), then `q = w / scale` cast to float8_e4m3fn (round to nearest even).
 Division, not a multiplication by the reciprocal: this is FlashInfer's own rule
 (`fp8_block_quant_2d`, shipped in flashinfer 0.6.13 and used by its DeepSeek-FP8 MoE tests) and the
-results are bit-identical to it. SPEC section 2 said `max(amax / 448, 1e-12)`; that differs from
-FlashInfer for all-zero and near-zero blocks (docs/VERIFIED.md has the evidence). The clamp never
-changes a finite value (|w / scale| <= 448 up to rounding) but keeps CUDA's non-saturating cast
-from producing NaN. Stored scales are what the checkpoints call `weight_scale_inv` (dequantised
+results are bit-identical to it. SPEC section 2 said `max(amax / 448, 1e-12)` and a clamp to ±448;
+the floor differs from FlashInfer for all-zero and near-zero blocks (docs/VERIFIED.md has the
+evidence), and the clamp never changes anything: |w / scale| <= 448 up to one rounding, which every
+cast (CPU saturating, CUDA's RN) maps to 448, far from the 464 where CUDA's would give NaN. Stored scales are what the checkpoints call `weight_scale_inv` (dequantised
 value = fp8 value x scale).
 """
 
@@ -30,15 +30,42 @@ def _blocked(w: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return w.reshape(*lead, nb, QUANT_BLOCK, kb, QUANT_BLOCK), n, k
 
 
-def quantize_fp8_block(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantise `[..., N, K]` weights to (fp8 `[..., N, K]`, fp32 scales `[..., ceil(N/128), ceil(K/128)]`)."""
-    blocks, n, k = _blocked(w.to(torch.float32))
-    amax = blocks.abs().amax(dim=(-3, -1), keepdim=True)
+def block_amax(w: torch.Tensor) -> torch.Tensor:
+    """max |w| per 128x128 block, float32 `[..., ceil(N/128), ceil(K/128)]` (NaN if a block has NaN).
+
+    Reduces the contiguous 128-wide rows first with amax and amin (no |w| temporary): about three
+    times faster on a CPU than one reduction over both block dimensions.
+    """
+    blocks, _, _ = _blocked(w)
+    top = blocks.amax(dim=-1)
+    bottom = blocks.amin(dim=-1)
+    return torch.maximum(top, -bottom).amax(dim=-2).to(torch.float32)
+
+
+def quantize_fp8_block(w: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise `[..., N, K]` weights to (fp8 `[..., N, K]`, fp32 scales `[..., ceil(N/128), ceil(K/128)]`).
+
+    `scratch` (optional, float32, at least as many elements as the padded weight) is reused for the
+    float32 quotients instead of allocating them; results do not depend on it.
+    """
+    blocks, n, k = _blocked(w)
+    amax = block_amax(w)
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = torch.clamp(blocks / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    numel = blocks.numel()
+    if scratch is not None and scratch.numel() >= numel and scratch.dtype == torch.float32:
+        quotient = scratch.reshape(-1)[:numel].view(blocks.shape)
+    else:
+        quotient = torch.empty(blocks.shape, dtype=torch.float32, device=w.device)
+    # Division in float32 (FlashInfer's rule), then a separate cast: on CPUs the two vectorised passes
+    # are faster than one fused divide-and-cast. |w / scale| <= 448 up to rounding, so no clamp is
+    # needed (and none changes a finite result).
+    torch.div(blocks, scale[..., :, None, :, None], out=quotient)
+    q = quotient.to(torch.float8_e4m3fn)
     lead = w.shape[:-2]
-    q = q.reshape(*lead, blocks.shape[-4] * QUANT_BLOCK, blocks.shape[-2] * QUANT_BLOCK)[..., :n, :k]
-    return q.contiguous(), scale.squeeze(-1).squeeze(-2).contiguous()
+    q = q.reshape(*lead, blocks.shape[-4] * QUANT_BLOCK, blocks.shape[-2] * QUANT_BLOCK)
+    if q.shape[-2:] != (n, k):
+        q = q[..., :n, :k].contiguous()
+    return q, scale
 
 
 def dequantize_fp8_block(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -40,9 +40,11 @@ def _peak_mib(source, out, profile) -> float:
 @pytest.mark.parametrize("profile", ["sglang", "trtllm"])
 def test_peak_memory_does_not_grow_with_layers(tmp_path, profile):
     peaks = {}
-    for layers in (2, 8):
+    # From 3 layers on, the three-stage pipeline is full (here a chunk is a whole projection group of a
+    # layer), so the peak is reached; more layers must not raise it.
+    for layers in (3, 9):
         src = make_synthetic(tmp_path / f"src{layers}", replace(MEDIUM, num_layers=layers), "fp8", seed=1)
         peaks[layers] = _peak_mib(src, tmp_path / f"out{layers}", profile)
-    growth = peaks[8] - peaks[2]
+    growth = peaks[9] - peaks[3]
     # Six more layers (600 MB of experts, 700 MB of output) may not add more than a fifth of one layer.
     assert growth < 0.2 * LAYER_BYTES / 2**20, peaks
