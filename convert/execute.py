@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,19 +21,17 @@ from convert.card import license_from_source, render_card
 from convert.errors import ConvertError
 from convert.manifest import Census, DtypeCount, Manifest, SourceIdentity, new_manifest
 from convert.output_format import ConfigBlock, ShapeEntry
-from convert.parallel import ParallelShape, RankGeometry
+from convert.parallel import ParallelShape
 from convert.plan import ConversionPlan, PlannedFile, build_plan
-from convert.profiles import Down, GateUp, Packed, get_profile
-from convert.read_experts import DOWN, GATE_UP, Raw, read_raw, ready
+from convert.profiles import get_profile
 from convert.progress import byte_bar
-from convert.safetensors_file import read_header, tensor_bytes
-from convert.source import SourceCheckpoint
+from convert.safetensors_file import read_header
 from convert.fsutil import FileRecord
-from convert.writer import StagedFile, WorkDir
+from convert.source import SourceCheckpoint
+from convert.transform import DEFAULT_CHUNK_BYTES, write_part_group
+from convert.writer import WorkDir
 
 COPY_CHUNK = 64 * 1024 * 1024
-# Source bytes gathered per expert chunk; quantising BF16 needs about 4x this in float32 temporaries.
-DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -73,22 +69,6 @@ class ConvertResult:
     seconds: float
 
 
-def expert_chunks(plan: ConversionPlan, chunk_bytes: int) -> list[range]:
-    """Ranges of experts processed together; never crossing an EP rank's block of experts.
-
-    Sized so a chunk's working set stays near `chunk_bytes`: FP8 bytes as stored, or for BF16
-    sources the BF16 input plus the float32 quotients and the FP8 result (7 bytes per weight).
-    """
-    m = plan.model
-    per_expert = 3 * m.hidden_size * m.intermediate_size * (1 if plan.source_kind == "fp8" else 7)
-    size = max(1, min(plan.ranks[0].num_local_experts, chunk_bytes // max(1, per_expert)))
-    chunks = []
-    for block_start in range(0, m.num_experts, plan.ranks[0].num_local_experts):
-        block_end = block_start + plan.ranks[0].num_local_experts
-        chunks.extend(range(s, min(s + size, block_end)) for s in range(block_start, block_end, size))
-    return chunks
-
-
 # -- writing -------------------------------------------------------------------------------------
 
 
@@ -105,212 +85,6 @@ def copy_shard(source: SourceCheckpoint, planned: PlannedFile, work: WorkDir, on
             writer.write(chunk)
             on_bytes(len(chunk))
     return writer.finish()
-
-
-class BufferPool:
-    """Reuses large CPU buffers between chunks: no page faults or zeroing for every chunk, and the
-    number in flight (so peak memory) is bounded by the pipeline's queues."""
-
-    def __init__(self) -> None:
-        self._free: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
-        self._lock = threading.Lock()
-
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        with self._lock:
-            free = self._free.get((tuple(shape), dtype))
-            if free:
-                return free.pop()
-        return torch.empty(shape, dtype=dtype)
-
-    def give(self, *tensors: torch.Tensor | None) -> None:
-        with self._lock:
-            for t in tensors:
-                if t is not None and t.device.type == "cpu":
-                    self._free.setdefault((tuple(t.shape), t.dtype), []).append(t)
-
-
-@dataclass
-class Chunk:
-    """One unit of work: a projection group of a chunk of experts of one layer, for its owner ranks."""
-
-    layer: int
-    kind: str  # "w13_weight" or "w2_weight"
-    experts: range
-    owners: list[RankGeometry]
-    finishes: list[int]  # ranks for which this is the last chunk of (layer, kind): their scales follow
-    raw: list[Raw] = field(default_factory=list)
-    packed: list[tuple[int, Packed]] = field(default_factory=list)
-
-
-def part_chunks(plan: ConversionPlan, part: int, ranks: list[int], chunk_bytes: int) -> list[Chunk]:
-    """The work of one part group in the planned file order: per layer, gate/up chunks then down chunks."""
-    geometry = [plan.ranks[r] for r in ranks]
-    chunks = []
-    for layer in plan.part_groups[part].layers:
-        for kind in ("w13_weight", "w2_weight"):
-            todo = [Chunk(layer, kind, experts, [g for g in geometry if experts.start in g.experts], [])
-                    for experts in expert_chunks(plan, chunk_bytes)]
-            todo = [c for c in todo if c.owners]
-            for g in geometry:
-                last = max(i for i, c in enumerate(todo) if g in c.owners)
-                todo[last].finishes.append(g.rank)
-            chunks += todo
-    return chunks
-
-
-class _Stage(threading.Thread):
-    """A pipeline thread: takes items from `inbox`, hands results to `outbox`; stops on None or error."""
-
-    def __init__(self, name: str, work: Callable[[Chunk], Chunk | None], inbox: queue.Queue, outbox: queue.Queue | None,
-                 failed: threading.Event):
-        super().__init__(name=name, daemon=True)
-        self.work, self.inbox, self.outbox, self.failed = work, inbox, outbox, failed
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            while (item := self.inbox.get()) is not None and not self.failed.is_set():
-                result = self.work(item)
-                if self.outbox is not None:
-                    _put(self.outbox, result, self.failed)
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            self.error = exc
-            self.failed.set()
-        finally:
-            if self.outbox is not None:
-                _put(self.outbox, None, self.failed, always=True)
-
-
-def _put(q: queue.Queue, item, failed: threading.Event, always: bool = False) -> None:
-    while True:
-        try:
-            q.put(item, timeout=0.1)
-            return
-        except queue.Full:
-            if failed.is_set() and not always:
-                return
-            if failed.is_set():
-                try:
-                    q.get_nowait()  # make room for the end marker: nobody will use the dropped item
-                except queue.Empty:
-                    pass
-
-
-def write_part_group(
-    source: SourceCheckpoint,
-    plan: ConversionPlan,
-    part: int,
-    ranks: list[int],
-    work: WorkDir,
-    chunk_bytes: int,
-    device: str,
-    on_bytes: Callable[[int], None],
-) -> list[FileRecord]:
-    """Every listed rank's part file of one part group, in the planned tensor order.
-
-    Three threads overlap the work (torch, preadv, write and sha256 all release the GIL):
-    read the next chunk's source bytes | check, quantise and pack this chunk | write and hash the
-    previous one. Queues of one item bound what is in flight; buffers are pooled.
-    """
-    files = {r: plan.expert_file(r, part) for r in ranks}
-    writers = {r: work.open(f.path, f.size) for r, f in files.items()}
-    pool = BufferPool()
-    profile = plan.profile
-    scratch: list[torch.Tensor] = []
-    pending_scales: dict[int, list[torch.Tensor]] = {r: [] for r in ranks}
-    next_tensor = {r: 0 for r in ranks}  # index into the planned tensors of each rank's file
-
-    def read(chunk: Chunk) -> Chunk:
-        projs = GATE_UP if chunk.kind == "w13_weight" else DOWN
-        wshape = (len(chunk.experts), *plan.model.expert_weight_shapes[projs[0]])
-        wdtype = torch.uint8 if plan.source_kind == "fp8" else source.info(
-            model.expert_weight_name(chunk.layer, chunk.experts.start, projs[0])).torch_dtype
-        for proj in projs:
-            weight = pool.take(wshape, wdtype)
-            scale = pool.take((len(chunk.experts), *model.scale_shape(wshape[1:])), torch.float32) \
-                if plan.source_kind == "fp8" else None
-            chunk.raw.append(read_raw(source, chunk.layer, chunk.experts, proj, weight, scale))
-        return chunk
-
-    def transform(chunk: Chunk) -> Chunk:
-        if not scratch and plan.source_kind != "fp8":
-            scratch.append(torch.empty(chunk.raw[0].weight.numel(), dtype=torch.float32, device=device))
-        ready_ = [ready(source, chunk.layer, chunk.experts, r, device, scratch[0] if scratch else None) for r in chunk.raw]
-        if chunk.kind == "w13_weight":
-            (gate, gate_s), (up, up_s) = ready_
-            batch, pack = GateUp(gate, up, gate_s, up_s), profile.pack_gate_up
-        else:
-            ((down, down_s),) = ready_
-            batch, pack = Down(down, down_s), profile.pack_down
-        shapes = profile.shapes(plan.model.hidden_size, chunk.owners[0])
-        shape = (len(chunk.experts), *(shapes.w13 if chunk.kind == "w13_weight" else shapes.w2)[1:])
-        for g in chunk.owners:
-            out = pool.take(shape, torch.uint8) if device == "cpu" else None
-            packed = pack(batch, g, out=out)
-            chunk.packed.append((g.rank, Packed(packed.weight.view(torch.uint8).cpu(), packed.scale.cpu())))
-        pool.give(*(t for r in chunk.raw for t in (r.weight, r.scale)))
-        chunk.raw = []
-        return chunk
-
-    def write(chunk: Chunk) -> None:
-        for rank, packed in chunk.packed:
-            _write_planned(writers[rank], files[rank], next_tensor, rank, chunk.layer, chunk.kind, packed.weight, on_bytes)
-            pending_scales[rank].append(packed.scale)
-            pool.give(packed.weight)
-        for rank in chunk.finishes:
-            scales = torch.cat(pending_scales[rank])
-            pending_scales[rank] = []
-            _write_planned(writers[rank], files[rank], next_tensor, rank, chunk.layer, chunk.kind + "_scale_inv",
-                           scales, on_bytes, whole=True)
-        chunk.packed = []
-
-    failed = threading.Event()
-    to_transform: queue.Queue = queue.Queue(maxsize=1)
-    to_write: queue.Queue = queue.Queue(maxsize=1)
-    todo: queue.Queue = queue.Queue()
-    for chunk in part_chunks(plan, part, ranks, chunk_bytes):
-        todo.put(chunk)
-    todo.put(None)
-    stages = [_Stage("mm-convert-read", read, todo, to_transform, failed),
-              _Stage("mm-convert-write", write, to_write, None, failed)]
-    try:
-        for r, f in files.items():
-            header = f.header
-            writers[r].write(header)
-            on_bytes(len(header))
-        for stage in stages:
-            stage.start()
-        main = _Stage("mm-convert-transform", transform, to_transform, to_write, failed)
-        main.run()  # on this thread
-        for stage in stages:
-            stage.join()
-        errors = [s.error for s in (stages[0], main, stages[1]) if s.error is not None]
-        if errors:
-            raise errors[0]
-        return [writers[r].finish() for r in ranks]
-    except BaseException:
-        failed.set()
-        for w in writers.values():
-            w.abort()
-        raise
-
-
-def _write_planned(writer: StagedFile, planned: PlannedFile, next_tensor: dict[int, int], rank: int, layer: int,
-                   kind: str, data: torch.Tensor, on_bytes: Callable[[int], None], whole: bool = False) -> None:
-    """Append `data` to a rank's file, checking it lands inside the planned tensor it belongs to."""
-    index = next_tensor[rank]
-    tensor = planned.tensors[index]
-    start = len(planned.header) + tensor.offset
-    end = start + tensor.nbytes
-    if (tensor.layer, tensor.kind) != (layer, kind) or not start <= writer.written < end:
-        raise RuntimeError(f"{planned.path}: wrote {kind} of layer {layer} where the plan has {tensor.name}")
-    view = tensor_bytes(data.contiguous())
-    writer.write(view)
-    on_bytes(len(view))
-    if writer.written > end or (whole and writer.written != end):
-        raise RuntimeError(f"{planned.path}: {tensor.name} overran its planned bytes")
-    if writer.written == end:
-        next_tensor[rank] = index + 1
 
 
 # -- the whole conversion ------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from convert.model import QUANT_BLOCK
 from convert.parallel import RankGeometry
 
 EPILOGUE_TILE_M = 64
+SHUFFLE_ROWS = 16  # rows permuted together by the shuffle with epilogue tile 64
 BLOCK_K = QUANT_BLOCK
 WEIGHT_LAYOUT_MAJOR_K = 0
 WEIGHT_LAYOUT_BLOCK_MAJOR_K = 2
@@ -96,6 +97,17 @@ def _weight_out(shape: tuple[int, ...], like: torch.Tensor, out: torch.Tensor | 
 # -- sglang ------------------------------------------------------------------------------------
 
 
+def sglang_gate_up_scale(src: GateUp, g: RankGeometry) -> torch.Tensor:
+    """The rank's gate/up scales: `[up blocks; gate blocks]` of its rows, zero past the source's end."""
+    n = src.gate_scale.shape[0]
+    ipb, real_b = g.padded_scale_rows, g.real_scale_rows
+    blocks = slice(g.scale_row_start, g.scale_row_start + real_b)
+    scale = torch.zeros((n, 2 * ipb, src.gate_scale.shape[-1]), dtype=torch.float32, device=src.gate_scale.device)
+    scale[:, :real_b] = src.up_scale[:, blocks]
+    scale[:, ipb : ipb + real_b] = src.gate_scale[:, blocks]
+    return scale
+
+
 def sglang_pack_gate_up(src: GateUp, g: RankGeometry, out: torch.Tensor | None = None) -> Packed:
     """`out`, if given, is reused for the weight (a caller's buffer pool); the result is the same."""
     n, _, hidden = src.gate.shape
@@ -107,13 +119,21 @@ def sglang_pack_gate_up(src: GateUp, g: RankGeometry, out: torch.Tensor | None =
     if not zeroed:
         weight[:, real:ip].zero_()
         weight[:, ip + real :].zero_()
+    return Packed(_like(weight, src.gate), sglang_gate_up_scale(src, g))
 
-    ipb, real_b = g.padded_scale_rows, g.real_scale_rows
-    blocks = slice(g.scale_row_start, g.scale_row_start + real_b)
-    scale = torch.zeros((n, 2 * ipb, src.gate_scale.shape[-1]), dtype=torch.float32, device=src.gate.device)
-    scale[:, :real_b] = src.up_scale[:, blocks]
-    scale[:, ipb : ipb + real_b] = src.gate_scale[:, blocks]
-    return Packed(_like(weight, src.gate), scale)
+
+def sglang_gate_up_segments(src: GateUp, g: RankGeometry, zeros: torch.Tensor) -> list[torch.Tensor]:
+    """The bytes `sglang_pack_gate_up` produces, as a list of views in file order, without copying:
+    per expert the rank's up rows, padding, its gate rows, padding (`zeros`: a zero byte buffer of at
+    least one padding's size). A writer can stream these straight from the source buffers."""
+    ip, real = g.padded_intermediate_size, g.real_rows
+    rows = slice(g.row_start, g.row_start + real)
+    pad = zeros.reshape(-1)[: (ip - real) * src.up.shape[-1]]
+    up, gate = _bytes(src.up), _bytes(src.gate)
+    segments = []
+    for i in range(up.shape[0]):
+        segments += [up[i, rows], pad, gate[i, rows], pad]
+    return [s for s in segments if s.numel()]
 
 
 def sglang_unpack_gate_up(p: Packed, g: RankGeometry) -> GateUp:
@@ -128,6 +148,15 @@ def sglang_unpack_gate_up(p: Packed, g: RankGeometry) -> GateUp:
     )
 
 
+def sglang_down_scale(src: Down, g: RankGeometry) -> torch.Tensor:
+    """The rank's down scales: its 128-column blocks, zero past the source's end."""
+    n, hb = src.scale.shape[:2]
+    ipb, real_b = g.padded_scale_rows, g.real_scale_rows
+    scale = torch.zeros((n, hb, ipb), dtype=torch.float32, device=src.scale.device)
+    scale[:, :, :real_b] = src.scale[:, :, g.scale_row_start : g.scale_row_start + real_b]
+    return scale
+
+
 def sglang_pack_down(src: Down, g: RankGeometry, out: torch.Tensor | None = None) -> Packed:
     n, hidden, _ = src.weight.shape
     ip, real = g.padded_intermediate_size, g.real_rows
@@ -135,11 +164,7 @@ def sglang_pack_down(src: Down, g: RankGeometry, out: torch.Tensor | None = None
     weight[:, :, :real] = _bytes(src.weight)[:, :, g.row_start : g.row_start + real]
     if not zeroed:
         weight[:, :, real:].zero_()
-
-    ipb, real_b = g.padded_scale_rows, g.real_scale_rows
-    scale = torch.zeros((n, src.scale.shape[1], ipb), dtype=torch.float32, device=src.weight.device)
-    scale[:, :, :real_b] = src.scale[:, :, g.scale_row_start : g.scale_row_start + real_b]
-    return Packed(_like(weight, src.weight), scale)
+    return Packed(_like(weight, src.weight), sglang_down_scale(src, g))
 
 
 def sglang_unpack_down(p: Packed, g: RankGeometry) -> Down:
@@ -196,9 +221,30 @@ def from_block_major_shuffled(w: torch.Tensor) -> torch.Tensor:
     return _like(major_k.index_select(1, inverse).contiguous(), w)
 
 
+def _shuffled_rows_into(dst: torch.Tensor, rows: torch.Tensor) -> None:
+    """dst `[n, K/128, r, 128]` (a view) <- `rows` `[n, r, K]` row-shuffled, one gather, no temporary."""
+    n, r, k = rows.shape
+    blocks = _bytes(rows).view(n, r, k // BLOCK_K, BLOCK_K).permute(0, 2, 1, 3)
+    torch.index_select(blocks, 2, shuffle_row_indices(r).to(rows.device), out=dst)
+
+
 def trtllm_pack_gate_up(src: GateUp, g: RankGeometry, out: torch.Tensor | None = None) -> Packed:
-    p = sglang_pack_gate_up(src, g)
-    return Packed(to_block_major_shuffled(p.weight, out), p.scale)
+    n, _, hidden = src.gate.shape
+    ip, real = g.padded_intermediate_size, g.real_rows
+    if real % SHUFFLE_ROWS:
+        p = sglang_pack_gate_up(src, g)  # a region boundary inside a shuffle block: shuffle the whole matrix
+        return Packed(to_block_major_shuffled(p.weight, out), p.scale)
+    # The shuffle permutes rows within 16-row blocks, and the up rows, the gate rows and the two
+    # paddings all start on such blocks: each region is shuffled on its own, straight from the source.
+    weight = _bytes(out) if out is not None else torch.empty((n, hidden // BLOCK_K, 2 * ip, BLOCK_K),
+                                                              dtype=torch.uint8, device=src.gate.device)
+    rows = slice(g.row_start, g.row_start + real)
+    if real:
+        _shuffled_rows_into(weight[:, :, :real], src.up[:, rows])
+        _shuffled_rows_into(weight[:, :, ip : ip + real], src.gate[:, rows])
+    weight[:, :, real:ip].zero_()
+    weight[:, :, ip + real :].zero_()
+    return Packed(_like(weight, src.gate), sglang_gate_up_scale(src, g))
 
 
 def trtllm_unpack_gate_up(p: Packed, g: RankGeometry) -> GateUp:
@@ -206,8 +252,18 @@ def trtllm_unpack_gate_up(p: Packed, g: RankGeometry) -> GateUp:
 
 
 def trtllm_pack_down(src: Down, g: RankGeometry, out: torch.Tensor | None = None) -> Packed:
-    p = sglang_pack_down(src, g)
-    return Packed(to_block_major_shuffled(p.weight, out), p.scale)
+    n, hidden, _ = src.weight.shape
+    ip, real = g.padded_intermediate_size, g.real_rows
+    if real % BLOCK_K:
+        p = sglang_pack_down(src, g)  # a K block straddles real and padding columns: lay out the whole matrix
+        return Packed(to_block_major_shuffled(p.weight, out), p.scale)
+    # K blocks of real columns come straight from the source; blocks past the source's end are zero.
+    weight = _bytes(out) if out is not None else torch.empty((n, ip // BLOCK_K, hidden, BLOCK_K),
+                                                              dtype=torch.uint8, device=src.weight.device)
+    if real:
+        _shuffled_rows_into(weight[:, : real // BLOCK_K], _bytes(src.weight)[:, :, g.row_start : g.row_start + real])
+    weight[:, real // BLOCK_K :].zero_()
+    return Packed(_like(weight, src.weight), sglang_down_scale(src, g))
 
 
 def trtllm_unpack_down(p: Packed, g: RankGeometry) -> Down:

@@ -30,6 +30,16 @@ def _blocked(w: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return w.reshape(*lead, nb, QUANT_BLOCK, kb, QUANT_BLOCK), n, k
 
 
+def _scale_of(amax: torch.Tensor) -> torch.Tensor:
+    """amax / 448 (1.0 where amax is 0), a true float32 division on every device.
+
+    The divisor is a tensor on purpose: PyTorch's CUDA kernel turns division by a Python scalar into
+    multiplication by its reciprocal (`div_true_kernel_cuda`, "may lose one bit of precision"), which
+    changes some scales by one ulp and made GPU conversions differ from CPU ones.
+    """
+    return torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))
+
+
 def block_amax(w: torch.Tensor) -> torch.Tensor:
     """max |w| per 128x128 block, float32 `[..., ceil(N/128), ceil(K/128)]` (NaN if a block has NaN).
 
@@ -50,7 +60,7 @@ def quantize_fp8_block(w: torch.Tensor, scratch: torch.Tensor | None = None) -> 
     """
     blocks, n, k = _blocked(w)
     amax = block_amax(w)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scale = _scale_of(amax)
     numel = blocks.numel()
     if scratch is not None and scratch.numel() >= numel and scratch.dtype == torch.float32:
         quotient = scratch.reshape(-1)[:numel].view(blocks.shape)
@@ -84,6 +94,6 @@ def quantize_fp8_per_token_group(x: torch.Tensor, group: int = QUANT_BLOCK) -> t
     t, h = x.shape
     groups = x.to(torch.float32).reshape(t, h // group, group)
     amax = groups.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scale = _scale_of(amax)
     q = torch.clamp(groups / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q.reshape(t, h), scale.squeeze(-1)

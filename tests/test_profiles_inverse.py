@@ -69,3 +69,31 @@ def test_partial_last_block_keeps_its_scale():
     assert torch.equal(p.scale[:, 0], (s + 1)[:, 2]) and not p.scale[:, 1].any()
     back = sglang_unpack_gate_up(p, g)
     assert torch.equal(back.gate, w[:, 256:]) and torch.equal(back.up_scale, (s + 1)[:, 2:])
+
+
+@pytest.mark.parametrize("intermediate,tp", [(320, 2), (328, 2), (384, 2), (384, 4), (1536, 8)])
+def test_trtllm_direct_paths_equal_shuffling_the_sglang_layout(intermediate, tp):
+    """trtllm packs straight from the source when the rank's regions align with shuffle blocks and K
+    blocks, and falls back to shuffling the whole sglang matrix when they do not; both agree."""
+    from convert.model import ModelShape
+    from convert.profiles import (sglang_pack_down, sglang_pack_gate_up, to_block_major_shuffled,
+                                  trtllm_pack_down, trtllm_pack_gate_up)
+
+    shape = ModelShape(hidden_size=256, intermediate_size=intermediate, num_layers=1, num_experts=3, top_k=1,
+                       num_attention_heads=1, num_key_value_heads=1, head_dim=256, vocab_size=8)
+    n, blocks = 3, -(-intermediate // 128)
+    gu = GateUp(torch.randint(0, 255, (n, intermediate, 256), dtype=torch.uint8),
+                torch.randint(0, 255, (n, intermediate, 256), dtype=torch.uint8),
+                torch.rand(n, blocks, 2) + 0.1, torch.rand(n, blocks, 2) + 0.1)
+    dn = Down(torch.randint(0, 255, (n, 256, intermediate), dtype=torch.uint8), torch.rand(n, 2, blocks) + 0.1)
+    for g in ParallelShape(tp, 1).ranks(shape):
+        want1, want2 = sglang_pack_gate_up(gu, g), sglang_pack_down(dn, g)
+        shapes = PROFILES["trtllm"].shapes(256, g)
+        # A reused buffer full of junk must come out exactly like a fresh one.
+        for out in (None, torch.full((n, *shapes.w13[1:]), 7, dtype=torch.uint8)):
+            got1 = trtllm_pack_gate_up(gu, g, out=out)
+            assert torch.equal(got1.weight.view(torch.uint8), to_block_major_shuffled(want1.weight)), (intermediate, g.rank)
+            assert torch.equal(got1.scale, want1.scale)
+        got2 = trtllm_pack_down(dn, g, out=torch.full((n, *shapes.w2[1:]), 7, dtype=torch.uint8))
+        assert torch.equal(got2.weight.view(torch.uint8), to_block_major_shuffled(want2.weight)), (intermediate, g.rank)
+        assert torch.equal(got2.scale, want2.scale)
