@@ -76,13 +76,14 @@ def read_raw(source: SourceCheckpoint, layer: int, experts: range, proj: model.P
 
 
 def ready(source: SourceCheckpoint, layer: int, experts: range, raw: Raw, device: str = "cpu",
-          scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Checked FP8 bytes and fp32 scales of a projection: FP8 as stored, BF16 block-quantised."""
+          scratch: torch.Tensor | None = None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked FP8 bytes and fp32 scales of a projection: FP8 as stored, BF16 block-quantised (into
+    the reusable `scratch` and `out` buffers when given)."""
     if raw.scale is not None:
         check_fp8(source, raw.weight, _names(layer, experts, raw.proj, scale=False))
         check_scales(source, raw.scale, _names(layer, experts, raw.proj, scale=True), "scale")
         return raw.weight.to(device), raw.scale.to(device)
-    q, scale = quantize_fp8_block(raw.weight.to(device), scratch)
+    q, scale = quantize_fp8_block(raw.weight.to(device), scratch, out)
     # A NaN or Inf anywhere in a block makes its amax, and so its scale, non-finite.
     bad = (~torch.isfinite(scale)).flatten(1).any(1)
     if bool(bad.any()):

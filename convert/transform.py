@@ -244,6 +244,14 @@ def write_part_group(source: SourceCheckpoint, plan: ConversionPlan, part: int, 
         chunk.buffers.append(buffer)
         return buffer
 
+    def quantised_buffer(chunk: Chunk, raw: Raw) -> torch.Tensor | None:
+        """A reusable FP8 buffer for a BF16 projection's quantised weights (host transforms only)."""
+        if raw.scale is not None or device != "cpu":
+            return None
+        buffer = pool.take(tuple(raw.weight.shape), torch.uint8)
+        chunk.buffers.append(buffer)
+        return buffer
+
     def packed_on_host(chunk: Chunk, g: RankGeometry, pack, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Pack on the transform device; a GPU result is copied into a pinned pooled host buffer."""
         host = pooled(chunk, g)
@@ -258,7 +266,8 @@ def write_part_group(source: SourceCheckpoint, plan: ConversionPlan, part: int, 
         nonlocal scratch
         if scratch is None and plan.source_kind != "fp8":
             scratch = torch.empty(chunk.raw[0].weight.numel(), dtype=torch.float32, device=device)
-        values = [ready(source, chunk.layer, chunk.experts, r, device, scratch) for r in chunk.raw]
+        values = [ready(source, chunk.layer, chunk.experts, r, device, scratch, quantised_buffer(chunk, r))
+                  for r in chunk.raw]
         chunk.raw = []
         shares = []
         for g in chunk.owners:
