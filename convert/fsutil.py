@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from dataclasses import dataclass
@@ -42,7 +43,11 @@ def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> st
 
 
 def write_error(path: Path, exc: OSError) -> ConvertError:
-    reason = "the disk is full" if exc.errno in (28, 27, 122) else (exc.strerror or str(exc))
+    reason = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exhausted",
+        errno.EFBIG: "the file size limit (ulimit -f) was reached",
+    }.get(exc.errno, exc.strerror or str(exc))
     return ConvertError(f"{path}: write failed: {reason}; finished files are kept and a rerun resumes")
 
 

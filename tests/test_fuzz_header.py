@@ -1,0 +1,97 @@
+"""Fuzzing the safetensors header reader (hypothesis, bounded time): whatever the bytes, it returns a
+validated header or raises the tool's own one-line ConvertError: no other exception, no hang, and
+no allocation sized by the file's claims (a header length or shape is checked before it is used)."""
+
+from __future__ import annotations
+
+import json
+import resource
+import struct
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from convert.errors import ConvertError
+from convert.safetensors_file import read_header
+
+FUZZ = settings(max_examples=400, deadline=2000, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+_DIR = Path(tempfile.mkdtemp(prefix="mm-convert-fuzz-"))
+
+
+def _check(blob: bytes) -> None:
+    path = _DIR / "fuzz.safetensors"
+    path.write_bytes(blob)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        header = read_header(path)
+    except ConvertError as exc:
+        message = str(exc)
+        assert "\n" not in message and str(path) in message
+    else:
+        # Accepted: then it must really tile the data section.
+        data = len(blob) - 8 - header.header_bytes
+        assert sum(t.nbytes for t in header.tensors) == data
+        assert all(8 + header.header_bytes <= t.start and t.start + t.nbytes <= len(blob) for t in header.tensors)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 64 * 1024, grown_kib  # nothing sized by the header's claims
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_random_bytes(blob):
+    _check(blob)
+
+
+@FUZZ
+@given(st.integers(min_value=0, max_value=2**64 - 1), st.binary(max_size=256))
+def test_any_header_length(length, rest):
+    _check(struct.pack("<Q", length) + rest)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats(allow_nan=True)
+    | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    max_leaves=20,
+)
+_dtypes = st.sampled_from(["F8_E4M3", "BF16", "F32", "I64", "U8", "BOOL", "F4", "", "f32"]) | st.text(max_size=6)
+_shapes = st.lists(st.integers(min_value=-3, max_value=2**40), max_size=9) | _json_values
+_entry = st.fixed_dictionaries(
+    {"dtype": _dtypes, "shape": _shapes,
+     "data_offsets": st.lists(st.integers(min_value=-5, max_value=2**48), min_size=0, max_size=3) | _json_values},
+)
+
+
+@FUZZ
+@given(st.dictionaries(st.text(min_size=1, max_size=20), _entry | _json_values, max_size=6),
+       st.integers(min_value=0, max_value=600), st.booleans())
+def test_structured_headers(entries, data_len, pad):
+    text = json.dumps(entries).encode()
+    if pad:
+        text += b" " * (-len(text) % 8)
+    _check(struct.pack("<Q", len(text)) + text + b"\x00" * data_len)
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(["F8_E4M3", "BF16", "F32"]),
+                          st.lists(st.integers(min_value=0, max_value=12), min_size=1, max_size=3)),
+                min_size=1, max_size=5),
+       st.integers(min_value=-16, max_value=16), st.data())
+def test_nearly_valid_files(specs, slack, data):
+    """Well-formed headers with one offset nudged or a few bytes more or less: exact accept/refuse."""
+    sizes = {"F8_E4M3": 1, "BF16": 2, "F32": 4}
+    header, offset = {}, 0
+    for i, (dtype, shape) in enumerate(specs):
+        n = sizes[dtype]
+        for d in shape:
+            n *= d
+        header[f"t{i}"] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    victim = data.draw(st.sampled_from(sorted(header)))
+    nudge = data.draw(st.integers(min_value=-3, max_value=3))
+    header[victim]["data_offsets"][1] += nudge
+    text = json.dumps(header).encode()
+    blob = struct.pack("<Q", len(text)) + text + b"\x01" * max(0, offset + slack)
+    _check(blob)
