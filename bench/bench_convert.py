@@ -112,12 +112,14 @@ def machine() -> dict:
     return info
 
 
-def make_sources(work: Path, layers: int) -> dict[str, Path]:
+def make_sources(work: Path, layers: int, kinds: set[str]) -> dict[str, Path]:
     from convert.tiny import REAL_LAYER, make_synthetic
 
     spec = replace(REAL_LAYER, num_layers=layers, num_shards=2 * layers + 1)
     sources = {}
     for dtype, fast in (("fp8", True), ("bf16", False)):
+        if dtype not in kinds:
+            continue
         path = work / f"src-{dtype}-{layers}L"
         if not (path / "config.json").exists():
             t0 = time.monotonic()
@@ -138,7 +140,6 @@ def main() -> None:
     ap.add_argument("--tasks", default="copy-fp8,fp8->sglang-tp4,fp8->trtllm-tp4,copy-bf16,bf16->sglang-tp4,llmc-bf16")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    sources = make_sources(args.work, args.layers)
     py = sys.executable
     tasks = {
         "copy-fp8": (py, COPY, "fp8", []),
@@ -149,6 +150,7 @@ def main() -> None:
         "llmc-bf16": (args.llmcompressor_python, LLMC, "bf16", []),
     }
     chosen = [t for t in args.tasks.split(",") if t in tasks and (t != "llmc-bf16" or args.llmcompressor_python)]
+    sources = make_sources(args.work, args.layers, {tasks[t][2] for t in chosen})
     results: dict[str, list[dict]] = {t: [] for t in chosen}
     for round_ in range(args.rounds):
         order = chosen if round_ % 2 == 0 else list(reversed(chosen))
@@ -164,8 +166,8 @@ def main() -> None:
             shutil.rmtree(dst, ignore_errors=True)
 
     table = []
-    copy_time = {k: statistics.median(r["wall_s"] for r in results.get(f"copy-{k}", []) if "error" not in r)
-                 for k in ("fp8", "bf16") if results.get(f"copy-{k}")}
+    copy_time = {k: statistics.median(r["wall_s"] for r in results[f"copy-{k}"] if "error" not in r)
+                 for k in ("fp8", "bf16") if any("error" not in r for r in results.get(f"copy-{k}", []))}
     for name in chosen:
         ok = [r for r in results[name] if "error" not in r]
         if not ok:
