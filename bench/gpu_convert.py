@@ -29,6 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.cuda_timing import median_ms  # noqa: E402
 from convert.model import ModelShape  # noqa: E402
 from convert.parallel import ParallelShape  # noqa: E402
 from convert.profiles import PROFILES, Down, GateUp  # noqa: E402
@@ -37,20 +38,6 @@ from convert.quant import quantize_fp8_block  # noqa: E402
 REAL = ModelShape(hidden_size=3072, intermediate_size=1536, num_layers=1, num_experts=256, top_k=8,
                   num_attention_heads=48, num_key_value_heads=8, head_dim=128, vocab_size=4096)
 RESULTS: dict = {}
-
-
-def cuda_ms(fn, reps: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def part_inmemory() -> None:
@@ -64,14 +51,14 @@ def part_inmemory() -> None:
     nbytes = sum(t.numel() * 2 for t in layer.values())
     dev = {p: torch.empty_like(t, device="cuda") for p, t in layer.items()}
     pageable = layer["w1"].clone()  # not pinned
-    h2d_pinned = cuda_ms(lambda: [dev[p].copy_(layer[p], non_blocking=True) for p in layer])
-    h2d_pageable = cuda_ms(lambda: dev["w1"].copy_(pageable), reps=3)
-    copy_ms = cuda_ms(lambda: dev["w3"].copy_(dev["w1"]))
+    h2d_pinned = median_ms(lambda: [dev[p].copy_(layer[p], non_blocking=True) for p in layer], warmup=1, reps=5)
+    h2d_pageable = median_ms(lambda: dev["w1"].copy_(pageable), warmup=1, reps=3)
+    copy_ms = median_ms(lambda: dev["w3"].copy_(dev["w1"]))
 
     def quantise_all():
         return {p: quantize_fp8_block(dev[p]) for p in dev}
 
-    q_ms = cuda_ms(quantise_all)
+    q_ms = median_ms(quantise_all)
     quantised = quantise_all()
     parallel = ParallelShape(4, 1)
     rows = []
@@ -86,10 +73,10 @@ def part_inmemory() -> None:
                 outs.append(prof.pack_down(Down(w2, s2), geo))
             return outs
 
-        lay_ms = cuda_ms(layout)
+        lay_ms = median_ms(layout)
         outs = layout()
         host = [torch.empty(o.weight.shape, dtype=torch.uint8, pin_memory=True) for o in outs]
-        d2h_ms = cuda_ms(lambda: [hb.copy_(o.weight.view(torch.uint8), non_blocking=True) for hb, o in zip(host, outs)])
+        d2h_ms = median_ms(lambda: [hb.copy_(o.weight.view(torch.uint8), non_blocking=True) for hb, o in zip(host, outs)])
         out_bytes = sum(o.weight.numel() for o in outs)
         rows.append({"profile": profile, "layout_ms": round(lay_ms, 2), "d2h_pinned_ms": round(d2h_ms, 2),
                      "output_gb": round(out_bytes / 1e9, 2)})

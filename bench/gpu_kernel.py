@@ -30,6 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.cuda_timing import median_ms  # noqa: E402
 from convert.model import ModelShape  # noqa: E402
 from convert.parallel import ParallelShape  # noqa: E402
 from convert.profiles import PROFILES, Down, GateUp  # noqa: E402
@@ -47,23 +48,6 @@ RESULTS: dict = {}
 
 def log(*a):
     print(*a, flush=True)
-
-
-def timed_cuda(fn, warmup=3, reps=20) -> float:
-    """Median milliseconds of `fn` measured with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
 
 
 # -- env ----------------------------------------------------------------------------------------
@@ -91,11 +75,11 @@ def part_env():
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = timed_cuda(lambda: a @ b, warmup=3, reps=10)
+    ms = median_ms(lambda: a @ b, warmup=3, reps=10)
     env["bf16_matmul_tflops"] = round(2 * n**3 / ms / 1e9, 1)
     x = torch.empty(4 * 2**30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
-    ms = timed_cuda(lambda: y.copy_(x), warmup=2, reps=10)
+    ms = median_ms(lambda: y.copy_(x), warmup=2, reps=10)
     env["copy_gbps"] = round(2 * x.numel() / ms / 1e6, 1)  # bytes read + written
     RESULTS["env"] = env
     log("env", json.dumps(env))
@@ -223,9 +207,9 @@ def part_perf():
             for tokens in (1, 16, 128, 1024, 8192):
                 inputs = inputs_for(tokens, gate, bias, seed=100 + tokens)
                 out = torch.empty((tokens, REAL.hidden_size), device="cuda")
-                ms_total = timed_cuda(lambda: tri.run(inputs, w, out), warmup=3, reps=20)
+                ms_total = median_ms(lambda: tri.run(inputs, w, out), warmup=3, reps=20)
                 prepared = tri.prepare(inputs, w)
-                ms = timed_cuda(lambda: tri.launch(inputs, w, prepared), warmup=3, reps=30)
+                ms = median_ms(lambda: tri.launch(inputs, w, prepared), warmup=3, reps=30)
                 ids, _ = unpack_topk(inputs.topk_packed)
                 local = ids - w.local_expert_offset
                 mask = (local >= 0) & (local < w.local_num_experts)
@@ -258,7 +242,7 @@ def part_tune():
                 tri = TritonBackend("cuda", block_m=block_m, num_warps=warps, num_stages=stages)
                 try:
                     prepared = tri.prepare(inputs, w)
-                    ms = timed_cuda(lambda: tri.launch(inputs, w, prepared), warmup=2, reps=15)
+                    ms = median_ms(lambda: tri.launch(inputs, w, prepared), warmup=2, reps=15)
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
                     rows.append({"tokens": tokens, "block_m": block_m, "warps": warps, "stages": stages,
                                  "error": f"{type(exc).__name__}"})

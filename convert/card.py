@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from convert import model, output_format
-from convert.fsutil import FileRecord, atomic_write_bytes, sha256_file
+from convert.fsutil import FileRecord, atomic_write_bytes, read_json_object, sha256_file
 from convert.manifest import Manifest
 from convert.output_format import ConfigBlock
 from convert.tiny import SYNTHETIC_KEY
@@ -161,7 +161,7 @@ def _origin(config: dict, src) -> tuple[str | None, str]:
 
 def write_card(out: Path, manifest: Manifest) -> None:
     """(Re)write OUT/README.md from config + manifest and keep the manifest's record of it current."""
-    config = json.loads((out / output_format.CONFIG_NAME).read_text())
+    config = read_json_object(out / output_format.CONFIG_NAME)
     license_id = license_from_source(Path(manifest.source.path)) if manifest.source.path else None
     path = out / output_format.MODEL_CARD_NAME
     atomic_write_bytes(path, render_card(config, manifest, license_id).encode())

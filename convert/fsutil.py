@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,3 +66,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise write_error(path, exc) from exc
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object from a file, or a one-line ConvertError saying what is wrong with it."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConvertError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ConvertError(f"{path}: not readable JSON ({type(exc).__name__})") from exc
+    if not isinstance(obj, dict):
+        raise ConvertError(f"{path}: not a JSON object")
+    return obj

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from convert import model, output_format
 from convert.errors import ConvertError
+from convert.fsutil import read_json_object
 from convert.manifest import Manifest
 from convert.output_format import ConfigBlock
 from convert.parallel import ParallelShape
@@ -49,13 +50,7 @@ def _dtype_census(tensors) -> str:
 
 def inspect_path(path: str | Path) -> Summary:
     path = Path(path)
-    config_path = path / output_format.CONFIG_NAME
-    if not config_path.is_file():
-        raise ConvertError(f"{config_path}: missing: not a checkpoint folder")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConvertError(f"{config_path}: not readable JSON ({type(exc).__name__})") from exc
+    config = read_json_object(path / output_format.CONFIG_NAME)
     if output_format.CONFIG_BLOCK_KEY in config:
         return _inspect_converted(path, config)
     return _inspect_source(path)

@@ -8,7 +8,6 @@ Tensor bytes are read on demand with positioned reads, so nothing holds the whol
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from convert import model
 from convert.errors import ConvertError
+from convert.fsutil import read_json_object
 from convert.model import ModelShape
 from convert.safetensors_file import TensorInfo, pread_into, read_header, tensor_bytes
 
@@ -70,7 +70,7 @@ class SourceCheckpoint:
             raise ConvertError(f"{root}: source is not a directory")
         root = root.resolve()
         config_path = root / "config.json"
-        config = _read_json(config_path)
+        config = read_json_object(config_path)
         shape = model.read_model_shape(config, str(config_path))
 
         index_map = _index_weight_map(root)
@@ -100,7 +100,7 @@ class SourceCheckpoint:
                     )
 
         kind, expert_dtype = _check_experts(shape, tensors, config_path)
-        _check_router(shape, tensors)
+        _check_router(shape, tensors, config_path)
         return cls(root, config, shape, tensors, tuple(files), kind, expert_dtype)
 
     # -- reading -------------------------------------------------------------------------------
@@ -178,18 +178,6 @@ class SourceCheckpoint:
         return found
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConvertError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConvertError(f"{path}: not readable JSON ({type(exc).__name__})") from exc
-    if not isinstance(obj, dict):
-        raise ConvertError(f"{path}: not a JSON object")
-    return obj
-
-
 def _inside(root: Path, name: str, referrer: str) -> Path:
     """Resolve a file name from the source and refuse anything that escapes the source folder."""
     if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
@@ -207,7 +195,7 @@ def _index_weight_map(root: Path) -> dict[str, str] | None:
     index_path = root / INDEX_NAME
     if not index_path.exists():
         return None
-    index = _read_json(index_path)
+    index = read_json_object(index_path)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -265,14 +253,7 @@ def _check_experts(shape: ModelShape, tensors: dict[str, TensorInfo], config_pat
     for layer in range(shape.num_layers):
         for expert in range(shape.num_experts):
             for proj, wshape in shape.expert_weight_shapes.items():
-                wname = model.expert_weight_name(layer, expert, proj)
-                info = tensors.get(wname)
-                if info is None:
-                    raise ConvertError(f"{config_path}: missing tensor {wname}")
-                if info.shape != wshape:
-                    raise ConvertError(
-                        f"{info.path}: tensor {wname} has shape {list(info.shape)}, the config implies {list(wshape)}"
-                    )
+                info = _require(tensors, model.expert_weight_name(layer, expert, proj), wshape, config_path)
                 sname = model.expert_scale_name(layer, expert, proj)
                 sinfo = tensors.get(sname)
                 if kind == "fp8":
@@ -289,19 +270,24 @@ def _check_experts(shape: ModelShape, tensors: dict[str, TensorInfo], config_pat
     return kind, dtype
 
 
-def _check_router(shape: ModelShape, tensors: dict[str, TensorInfo]) -> None:
+def _require(tensors: dict[str, TensorInfo], name: str, shape: tuple[int, ...], config_path: Path,
+             role: str = "") -> TensorInfo:
+    """A tensor the config says must exist, with the shape it implies."""
+    info = tensors.get(name)
+    if info is None:
+        raise ConvertError(f"{config_path}: missing tensor {name}{role}")
+    if info.shape != shape:
+        raise ConvertError(f"{info.path}: tensor {name} has shape {list(info.shape)}, the config implies {list(shape)}")
+    return info
+
+
+def _check_router(shape: ModelShape, tensors: dict[str, TensorInfo], config_path: Path) -> None:
     for layer in range(shape.num_layers):
         for name, want in (
             (model.router_weight_name(layer), (shape.num_experts, shape.hidden_size)),
             (model.router_bias_name(layer), (shape.num_experts,)),
         ):
-            info = tensors.get(name)
-            if info is None:
-                raise ConvertError(f"missing tensor {name} (the router of layer {layer})")
-            if info.shape != want:
-                raise ConvertError(
-                    f"{info.path}: tensor {name} has shape {list(info.shape)}, the config implies {list(want)}"
-                )
+            info = _require(tensors, name, want, config_path, f" (the router of layer {layer})")
             if info.dtype not in ("F32", "BF16", "F16"):
                 raise ConvertError(f"{info.path}: tensor {name} has unsupported dtype {info.dtype}")
 

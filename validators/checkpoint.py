@@ -6,7 +6,6 @@ writes.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 
 from convert import model, output_format
 from convert.errors import ConvertError
+from convert.fsutil import read_json_object
 from convert.manifest import Manifest
 from convert.model import ModelShape
 from convert.output_format import ConfigBlock, ShapeEntry
@@ -45,18 +45,20 @@ class ConvertedCheckpoint:
     def open(cls, root: str | Path) -> "ConvertedCheckpoint":
         root = Path(root)
         config_path = root / output_format.CONFIG_NAME
-        try:
-            config = json.loads(config_path.read_text())
-        except FileNotFoundError:
-            raise ConvertError(f"{config_path}: missing: not a converted checkpoint") from None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConvertError(f"{config_path}: not readable JSON ({type(exc).__name__})") from exc
+        config = read_json_object(config_path)
         block = ConfigBlock.from_dict(config.get(output_format.CONFIG_BLOCK_KEY), str(config_path))
         shape = model.read_model_shape(config, str(config_path))
         profile = PROFILES.get(block.profile)
         if profile is None:
             raise ConvertError(f"{config_path}: unknown profile {block.profile!r} in the {output_format.CONFIG_BLOCK_KEY} block")
         return cls(root, config, block, shape, profile)
+
+    def weight_map(self) -> dict[str, str]:
+        """The standard shards' index: non-expert tensor name -> file."""
+        weight_map = read_json_object(self.root / output_format.INDEX_NAME).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConvertError(f"{self.root / output_format.INDEX_NAME}: no weight_map")
+        return weight_map
 
     def manifest(self) -> Manifest:
         return Manifest.load(self.root)

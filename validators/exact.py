@@ -4,7 +4,6 @@ For BF16 sources the same pass measures the quantisation error of the dequantise
 
 from __future__ import annotations
 
-import json
 
 import torch
 
@@ -127,7 +126,7 @@ def _quant_errors(assembled, raw, experts: range, layer: int, errors: list) -> N
 
 
 def check_pass_through(ckpt: ConvertedCheckpoint, source: SourceCheckpoint, report: Report) -> None:
-    index = json.loads((ckpt.root / output_format.INDEX_NAME).read_text())["weight_map"]
+    index = ckpt.weight_map()
     expected = set(source.non_expert_names())
     bad = 0
     for name in sorted(expected - set(index)):

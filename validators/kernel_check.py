@@ -5,13 +5,12 @@ expert blocks), and compared with a float32 reference computed from the source w
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Callable
 
 import torch
 
-from convert import model, output_format
+from convert import model
 from convert.errors import ConvertError
 from convert.output_format import ShapeEntry
 from convert.profiles import Packed
@@ -34,7 +33,7 @@ def default_layers(num_layers: int) -> list[int]:
 
 
 def _router(ckpt: ConvertedCheckpoint, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    weight_map = json.loads((ckpt.root / output_format.INDEX_NAME).read_text())["weight_map"]
+    weight_map = ckpt.weight_map()
     tensors = []
     for name in (model.router_weight_name(layer), model.router_bias_name(layer)):
         if name not in weight_map:

@@ -3,7 +3,6 @@ covering every expert of every layer exactly once, padded with exact zeros, with
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -227,11 +226,10 @@ def check_padding_and_scales(ckpt: ConvertedCheckpoint, report: Report, layers: 
 
 
 def check_index(ckpt: ConvertedCheckpoint, report: Report) -> None:
-    index_path = ckpt.root / output_format.INDEX_NAME
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError) as exc:
-        report.add(Finding(CHECK, "fail", f"{output_format.INDEX_NAME}: unreadable ({type(exc).__name__})"))
+        weight_map = ckpt.weight_map()
+    except ConvertError as exc:
+        report.add(Finding(CHECK, "fail", str(exc)))
         return
     bad = 0
     files: dict[str, set[str]] = {}
