@@ -72,8 +72,14 @@ def convert(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Quantise (BF16 sources), lay out and write the experts for one parallel shape."""
-    from convert.execute import ConvertOptions, convert as run_convert
-    from convert.hub import DownloadRecord, download, looks_like_repo_id, source_folder_for
+    from convert.execute import ConvertOptions
+    from convert.execute import convert as run_convert
+    from convert.hub import (
+        DownloadRecord,
+        download,
+        looks_like_repo_id,
+        source_folder_for,
+    )
 
     spec = ConvertSpec()
     source_path = source
@@ -127,7 +133,8 @@ def validate(
     checks: str = typer.Option("structure,exact,kernel", "--checks", help="Which checks to run (exact needs --source)."),
 ):
     """Prove a converted checkpoint complete, exact and kernel-ready; exit non-zero if any check fails."""
-    from validators.run import parse_layers, record_summary, validate as run_validate
+    from validators.run import parse_layers, record_summary
+    from validators.run import validate as run_validate
 
     result = run_validate(out, source, kernel, parse_layers(layers), tokens, seed, device,
                           tuple(c.strip() for c in checks.split(",") if c.strip()))

@@ -1,8 +1,11 @@
-"""Executing a conversion plan: read -> (quantise) -> profile -> write, in the plan's order.
+"""One conversion end to end: plan, work area, files, manifest, commit.
 
-The loop is deliberately dumb: it walks the planned files tensor by tensor and fills each planned
-byte range in turn. Expert tensors are produced a chunk of experts at a time (chunks never cross an
-EP rank's block), so peak memory is bounded by the chunk budget, not by the number of layers.
+`convert` opens the source, builds the plan (refusing an impossible request before anything is
+written), takes the output folder's lock, checks the fingerprint, then fills the planned files:
+pass-through shards by copying bytes, expert parts through `transform.write_part_group`, then the
+config, index, auxiliary files and model card. Files already done (staged by an interrupted run, or
+kept from an earlier conversion into the same folder) are re-hashed and kept. Everything is renamed
+into place at the end and the manifest is written last.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from convert import __version__, model, output_format
 from convert.card import license_from_source, render_card
 from convert.errors import ConvertError
+from convert.fsutil import FileRecord
 from convert.manifest import Census, DtypeCount, Manifest, SourceIdentity, new_manifest
 from convert.output_format import ConfigBlock, ShapeEntry
 from convert.parallel import ParallelShape
@@ -26,7 +30,6 @@ from convert.plan import ConversionPlan, PlannedFile, build_plan
 from convert.profiles import get_profile
 from convert.progress import byte_bar
 from convert.safetensors_file import read_header
-from convert.fsutil import FileRecord
 from convert.source import SourceCheckpoint
 from convert.transform import DEFAULT_CHUNK_BYTES, write_part_group
 from convert.writer import WorkDir

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from contextlib import contextmanager
 import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -232,7 +232,11 @@ def _partial_size(folder: Path, f: RemoteFile) -> int:
 @contextmanager
 def _hub_bars(quiet: bool):
     """huggingface_hub's own progress bars and retry chatter follow --quiet too."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
     from huggingface_hub.utils import logging as hub_logging
 
     was_disabled = are_progress_bars_disabled()

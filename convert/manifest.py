@@ -13,9 +13,9 @@ from typing import Any
 
 from convert import __version__
 from convert.errors import ConvertError
+from convert.fsutil import FileRecord, atomic_write_bytes
 from convert.output_format import FORMAT_VERSION, MANIFEST_NAME
 from convert.source import SourceCheckpoint
-from convert.fsutil import FileRecord, atomic_write_bytes
 
 TOOL_NAME = "mm-convert"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from convert import model, output_format
+from convert import output_format
 from convert.errors import ConvertError
 from convert.model import ModelShape
 from convert.output_format import EXPERT_DTYPES, ExpertTensorKind
@@ -18,6 +18,7 @@ from convert.parallel import ParallelShape, RankGeometry
 from convert.profiles import Profile, RankTensorShapes
 from convert.safetensors_file import DTYPES, HeaderEntry, encode_header
 from convert.source import SourceCheckpoint
+
 
 @dataclass(frozen=True)
 class PlannedTensor:
@@ -207,10 +208,3 @@ def build_plan(source: SourceCheckpoint, profile: Profile, parallel: ParallelSha
         expert_files=tuple(expert_files),
         auxiliary_files=tuple(source.auxiliary_files()),
     )
-
-
-def expert_source_names(layer: int, expert: int) -> dict[str, str]:
-    """The source tensors one expert of one layer is built from."""
-    return {
-        proj: model.expert_weight_name(layer, expert, proj) for proj in model.PROJECTIONS
-    } | {f"{proj}_scale": model.expert_scale_name(layer, expert, proj) for proj in model.PROJECTIONS}

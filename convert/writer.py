@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from convert.errors import ConvertError
-from convert.fsutil import PARTIAL_SUFFIX, FileRecord, atomic_write_bytes, fsync_dir, sha256_file, write_error
+from convert.fsutil import (
+    PARTIAL_SUFFIX,
+    FileRecord,
+    atomic_write_bytes,
+    fsync_dir,
+    sha256_file,
+    write_error,
+)
 from convert.output_format import WORK_DIR
 
 

@@ -4,7 +4,6 @@ For BF16 sources the same pass measures the quantisation error of the dequantise
 
 from __future__ import annotations
 
-
 import torch
 
 from convert import model, output_format

@@ -14,7 +14,11 @@ from convert import model
 from convert.errors import ConvertError
 from convert.output_format import ShapeEntry
 from convert.profiles import Packed
-from convert.quant import dequantize_fp8_block, quantize_fp8_block, quantize_fp8_per_token_group
+from convert.quant import (
+    dequantize_fp8_block,
+    quantize_fp8_block,
+    quantize_fp8_per_token_group,
+)
 from convert.safetensors_file import TensorFile
 from convert.source import SourceCheckpoint
 from validators import numerics

@@ -6,8 +6,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from convert.errors import ConvertError
 from convert.card import write_card
+from convert.errors import ConvertError
 from convert.manifest import Manifest
 from convert.source import SourceCheckpoint
 from validators import exact, kernel_check, structure

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from convert import output_format
-from convert.output_format import EXPERT_DTYPES
 from convert.errors import ConvertError
 from convert.fsutil import sha256_file
+from convert.output_format import EXPERT_DTYPES
 from convert.safetensors_file import read_header
 from validators.checkpoint import ConvertedCheckpoint
 from validators.report import Finding, Report
