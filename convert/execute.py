@@ -69,6 +69,7 @@ class ConvertResult:
     records: tuple[FileRecord, ...]
     bytes_written: int
     files_reused: int
+    data_files_written: int  # shards and expert parts written by this run (0: everything was already there)
     seconds: float
 
 
@@ -224,7 +225,7 @@ def convert(source_dir: str | os.PathLike, out: str | os.PathLike, options: Conv
         work.acquire()
         try:
             work.check_fingerprint(_fingerprint(source, options), options.overwrite)
-            records, written, reused = _write_all(source, plan, work, options, previous)
+            records, written, reused, data_written = _write_all(source, plan, work, options, previous)
             new_shape = shape_entry(plan)
             shapes = [ShapeEntry(**s) for s in (previous.shapes if previous else [])
                       if (s["tp"], s["ep"]) != (plan.parallel.tp, plan.parallel.ep)] + [new_shape]
@@ -253,13 +254,14 @@ def convert(source_dir: str | os.PathLike, out: str | os.PathLike, options: Conv
             work.remove()
         finally:
             work.release()
-    return ConvertResult(out, plan, tuple(records.values()), written, reused, time.monotonic() - started)
+    return ConvertResult(out, plan, tuple(records.values()), written, reused, data_written,
+                         time.monotonic() - started)
 
 
 def _write_all(source: SourceCheckpoint, plan: ConversionPlan, work: WorkDir, options: ConvertOptions,
-               previous: Manifest | None) -> tuple[dict[str, FileRecord], int, int]:
+               previous: Manifest | None) -> tuple[dict[str, FileRecord], int, int, int]:
     records: dict[str, FileRecord] = {}
-    written = reused = 0
+    written = reused = data_written = 0
     with byte_bar(plan.total_bytes, f"convert {plan.profile.name} {plan.parallel.label}", options.quiet) as bar:
 
         def done(f: PlannedFile) -> bool:
@@ -280,12 +282,14 @@ def _write_all(source: SourceCheckpoint, plan: ConversionPlan, work: WorkDir, op
         for shard in plan.shards:
             if not done(shard):
                 records[shard.path] = copy_shard(source, shard, work, count)
+                data_written += 1
         for group in plan.part_groups:
             todo = [g.rank for g in plan.ranks if not done(plan.expert_file(g.rank, group.part))]
             if todo:
                 for rec in write_part_group(source, plan, group.part, todo, work, options.chunk_bytes,
                                             options.device, count):
                     records[rec.path] = rec
+                data_written += len(todo)
 
     index = {
         "metadata": {"total_size": sum(f.data_size for f in plan.shards)},
@@ -296,4 +300,4 @@ def _write_all(source: SourceCheckpoint, plan: ConversionPlan, work: WorkDir, op
     )
     for name in plan.auxiliary_files:
         records[name] = _small_file(work, name, (source.root / name).read_bytes())
-    return records, written, reused
+    return records, written, reused, data_written

@@ -97,8 +97,7 @@ def run_recipe(recipe: Recipe, quiet: bool = False) -> RunResult:
             profile=spec.profile, tp=spec.tp, ep=spec.ep, part_size=spec.part_size, device=spec.device, quiet=quiet,
             source_repo=record.repo_id if record else None, source_revision=record.revision if record else None,
             source_sha256=record.sha256s() if record else {}, recipe_name=recipe.name))
-        rewritten = r.bytes_written > 1_000_000 or r.files_reused == 0
-        status = "done" if rewritten else "skipped"
+        status = "done" if r.data_files_written else "skipped"
         detail = (f"{r.plan.profile.name} {r.plan.parallel.label} into {out}: {r.bytes_written / 1e6:.1f} MB written, "
                   f"{r.files_reused} files verified and kept")
         return status, detail, r
@@ -114,8 +113,7 @@ def run_recipe(recipe: Recipe, quiet: bool = False) -> RunResult:
         label = converted.plan.parallel.dirname
         settings = {"kernel_requested": v.kernel, "tokens": v.tokens, "seed": v.seed}
         previous = Manifest.load(out).validation.get(label)
-        unchanged = converted.bytes_written < 1_000_000 and converted.files_reused > 0
-        if unchanged and previous and previous.get("passed") and previous.get("settings") == settings:
+        if not converted.data_files_written and previous and previous.get("passed") and previous.get("settings") == settings:
             return "skipped", f"passed before with the same settings ({previous.get('kernel')}); files unchanged", None
         rep = validate(out, source, v.kernel, list(v.layers) if v.layers is not None else None, v.tokens, v.seed)
         record_summary(out, rep, settings)

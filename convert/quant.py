@@ -42,13 +42,12 @@ def _scale_of(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(amax == 0, torch.ones_like(amax), amax / torch.full_like(amax, FP8_MAX))
 
 
-def block_amax(w: torch.Tensor) -> torch.Tensor:
-    """max |w| per 128x128 block, float32 `[..., ceil(N/128), ceil(K/128)]` (NaN if a block has NaN).
+def _block_amax(blocks: torch.Tensor) -> torch.Tensor:
+    """max |w| per block of a `_blocked` view, float32 `[..., N/128, K/128]` (NaN if a block has NaN).
 
     Reduces the contiguous 128-wide rows first with amax and amin (no |w| temporary): about three
     times faster on a CPU than one reduction over both block dimensions.
     """
-    blocks, _, _ = _blocked(w)
     top = blocks.amax(dim=-1)
     bottom = blocks.amin(dim=-1)
     return torch.maximum(top, -bottom).amax(dim=-2).to(torch.float32)
@@ -64,7 +63,7 @@ def quantize_fp8_block(w: torch.Tensor, scratch: torch.Tensor | None = None, out
     results do not depend on them.
     """
     blocks, n, k = _blocked(w)
-    scale = _scale_of(block_amax(w))
+    scale = _scale_of(_block_amax(blocks))
     numel = blocks.numel()
     if scratch is not None and scratch.numel() >= numel and scratch.dtype == torch.float32 and scratch.device == w.device:
         quotient = scratch.reshape(-1)[:numel].view(blocks.shape)
