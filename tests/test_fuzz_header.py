@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import resource
 import struct
-import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,11 +17,15 @@ from convert.errors import ConvertError
 from convert.safetensors_file import read_header
 
 FUZZ = settings(max_examples=400, deadline=2000, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
-_DIR = Path(tempfile.mkdtemp(prefix="mm-convert-fuzz-"))
 
 
-def _check(blob: bytes) -> None:
-    path = _DIR / "fuzz.safetensors"
+@pytest.fixture(scope="module")
+def path(tmp_path_factory) -> Path:
+    """One scratch file, rewritten per example, in pytest's own temporary tree (removed with it)."""
+    return tmp_path_factory.mktemp("fuzz") / "fuzz.safetensors"
+
+
+def _check(path: Path, blob: bytes) -> None:
     path.write_bytes(blob)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:
@@ -40,14 +44,14 @@ def _check(blob: bytes) -> None:
 
 @FUZZ
 @given(st.binary(max_size=2048))
-def test_random_bytes(blob):
-    _check(blob)
+def test_random_bytes(path, blob):
+    _check(path, blob)
 
 
 @FUZZ
 @given(st.integers(min_value=0, max_value=2**64 - 1), st.binary(max_size=256))
-def test_any_header_length(length, rest):
-    _check(struct.pack("<Q", length) + rest)
+def test_any_header_length(path, length, rest):
+    _check(path, struct.pack("<Q", length) + rest)
 
 
 _json_values = st.recursive(
@@ -67,11 +71,11 @@ _entry = st.fixed_dictionaries(
 @FUZZ
 @given(st.dictionaries(st.text(min_size=1, max_size=20), _entry | _json_values, max_size=6),
        st.integers(min_value=0, max_value=600), st.booleans())
-def test_structured_headers(entries, data_len, pad):
+def test_structured_headers(path, entries, data_len, pad):
     text = json.dumps(entries).encode()
     if pad:
         text += b" " * (-len(text) % 8)
-    _check(struct.pack("<Q", len(text)) + text + b"\x00" * data_len)
+    _check(path, struct.pack("<Q", len(text)) + text + b"\x00" * data_len)
 
 
 @FUZZ
@@ -79,7 +83,7 @@ def test_structured_headers(entries, data_len, pad):
                           st.lists(st.integers(min_value=0, max_value=12), min_size=1, max_size=3)),
                 min_size=1, max_size=5),
        st.integers(min_value=-16, max_value=16), st.data())
-def test_nearly_valid_files(specs, slack, data):
+def test_nearly_valid_files(path, specs, slack, data):
     """Well-formed headers with one offset nudged or a few bytes more or less: exact accept/refuse."""
     sizes = {"F8_E4M3": 1, "BF16": 2, "F32": 4}
     header, offset = {}, 0
@@ -94,4 +98,4 @@ def test_nearly_valid_files(specs, slack, data):
     header[victim]["data_offsets"][1] += nudge
     text = json.dumps(header).encode()
     blob = struct.pack("<Q", len(text)) + text + b"\x01" * max(0, offset + slack)
-    _check(blob)
+    _check(path, blob)
