@@ -42,16 +42,23 @@ def _peak_mib(source, out, profile) -> float:
 def test_peak_memory_does_not_grow_with_layers(tmp_path, profile):
     peaks = {}
     # 8 MB chunks: about 13 chunks per projection group, so the pipeline (a few chunks in flight) is
-    # full within the first layer and the peak is reached; more layers must not raise it.
-    for layers in (3, 9):
+    # full within the first layer. How many chunks are in flight at the worst moment depends on thread
+    # timing (seen: 309 to 334 MiB for the same 3-layer trtllm run), so each size is run twice and
+    # the higher peak, the one the bounded pool allows, is compared.
+    for layers in (3, 12):
         src, out = tmp_path / f"src{layers}", tmp_path / f"out{layers}"
         try:
             make_synthetic(src, replace(MEDIUM, num_layers=layers), "fp8", seed=1)
-            peaks[layers] = _peak_mib(src, out, profile)
+            runs = []
+            for _ in range(2):
+                runs.append(_peak_mib(src, out, profile))
+                shutil.rmtree(out)
+            peaks[layers] = max(runs)
         finally:
-            # About 2 GB on disk at 9 layers: CI machines may have little free, so none of it is kept.
+            # About 2.5 GB on disk at 12 layers: CI machines may have little free, so none of it is kept.
             shutil.rmtree(src, ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)
-    growth = peaks[9] - peaks[3]
-    # Six more layers (600 MB of experts, 700 MB of output) may not add more than a fifth of one layer.
-    assert growth < 0.2 * LAYER_BYTES / 2**20, peaks
+    growth = peaks[12] - peaks[3]
+    # Nine more layers (900 MB of experts, 1 GB of output) may not add 30 MiB: a leak of 3.4 MiB per
+    # layer (less than half a chunk) fails.
+    assert growth < 0.3 * LAYER_BYTES / 2**20, peaks
