@@ -180,6 +180,10 @@ def sglang_shapes(hidden: int, g: RankGeometry) -> RankTensorShapes:
 # -- trtllm: TRT-LLM row shuffle + BlockMajorK -------------------------------------------------
 
 
+def _shuffle_block(epilogue_tile_m: int = EPILOGUE_TILE_M) -> int:
+    return 32 if epilogue_tile_m % 128 == 0 else 16
+
+
 def shuffle_row_indices(rows: int, epilogue_tile_m: int = EPILOGUE_TILE_M) -> torch.Tensor:
     """Row permutation of TRT-LLM's `shuffleMatrixA`: `out[j] = in[perm[j]]`.
 
@@ -187,7 +191,7 @@ def shuffle_row_indices(rows: int, epilogue_tile_m: int = EPILOGUE_TILE_M) -> to
     `i` lands at `i // g + 8 * (i % g)`, `g = block / 8`: the rows one epilogue thread group
     stores are made adjacent.
     """
-    block = 32 if epilogue_tile_m % 128 == 0 else 16
+    block = _shuffle_block(epilogue_tile_m)
     if rows % block:
         raise ValueError(f"shuffle needs a multiple of {block} rows, got {rows}")
     groups = block // 8
@@ -199,18 +203,29 @@ def shuffle_row_indices(rows: int, epilogue_tile_m: int = EPILOGUE_TILE_M) -> to
     return perm
 
 
-def to_block_major_shuffled(w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`[n, M, K]` MajorK weights -> row-shuffled BlockMajorK `[n, K/128, M, 128]`.
+def _shuffled_into(dst: torch.Tensor, rows: torch.Tensor) -> None:
+    """dst `[n, K/128, r, 128]` (a view) <- `rows` `[n, r, K]` row-shuffled and block-major, in one copy.
 
-    One gather: rows of the `[n, K/128, M, 128]` view of `w` are picked in shuffled order straight
-    into the block-major result (into `out` when given)."""
+    Within a block, row `g * a + b` (`a < 8`, `b < g`) lands at `8 * b + a`: the shuffle transposes
+    each block seen as `[8, g]`, so it is a strided view and one `copy_`: no index tensor, and
+    on one core 16% less time than a gather by `shuffle_row_indices` over a layer's two projections.
+    """
+    n, r, k = rows.shape
+    block = _shuffle_block()
+    if r % block:
+        raise ValueError(f"shuffle needs a multiple of {block} rows, got {r}")
+    groups = block // 8
+    source = _bytes(rows).view(n, r // block, 8, groups, k // BLOCK_K, BLOCK_K).permute(0, 4, 1, 3, 2, 5)
+    dst.view(n, k // BLOCK_K, r // block, groups, 8, BLOCK_K).copy_(source)
+
+
+def to_block_major_shuffled(w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`[n, M, K]` MajorK weights -> row-shuffled BlockMajorK `[n, K/128, M, 128]` (into `out` when given)."""
     n, m, k = w.shape
-    perm = shuffle_row_indices(m).to(w.device)
-    blocks = _bytes(w).view(n, m, k // BLOCK_K, BLOCK_K).permute(0, 2, 1, 3)
-    if out is None:
-        return _like(blocks.index_select(2, perm), w)
-    torch.index_select(blocks, 2, perm, out=_bytes(out))
-    return out
+    result = _bytes(out) if out is not None else torch.empty((n, k // BLOCK_K, m, BLOCK_K), dtype=torch.uint8,
+                                                             device=w.device)
+    _shuffled_into(result, w)
+    return out if out is not None else _like(result, w)
 
 
 def from_block_major_shuffled(w: torch.Tensor) -> torch.Tensor:
@@ -219,13 +234,6 @@ def from_block_major_shuffled(w: torch.Tensor) -> torch.Tensor:
     major_k = _bytes(w).permute(0, 2, 1, 3).reshape(n, m, kb * bk)
     inverse = torch.argsort(shuffle_row_indices(m)).to(w.device)
     return _like(major_k.index_select(1, inverse).contiguous(), w)
-
-
-def _shuffled_rows_into(dst: torch.Tensor, rows: torch.Tensor) -> None:
-    """dst `[n, K/128, r, 128]` (a view) <- `rows` `[n, r, K]` row-shuffled, one gather, no temporary."""
-    n, r, k = rows.shape
-    blocks = _bytes(rows).view(n, r, k // BLOCK_K, BLOCK_K).permute(0, 2, 1, 3)
-    torch.index_select(blocks, 2, shuffle_row_indices(r).to(rows.device), out=dst)
 
 
 def trtllm_pack_gate_up(src: GateUp, g: RankGeometry, out: torch.Tensor | None = None) -> Packed:
@@ -240,8 +248,8 @@ def trtllm_pack_gate_up(src: GateUp, g: RankGeometry, out: torch.Tensor | None =
                                                               dtype=torch.uint8, device=src.gate.device)
     rows = slice(g.row_start, g.row_start + real)
     if real:
-        _shuffled_rows_into(weight[:, :, :real], src.up[:, rows])
-        _shuffled_rows_into(weight[:, :, ip : ip + real], src.gate[:, rows])
+        _shuffled_into(weight[:, :, :real], src.up[:, rows])
+        _shuffled_into(weight[:, :, ip : ip + real], src.gate[:, rows])
     weight[:, :, real:ip].zero_()
     weight[:, :, ip + real :].zero_()
     return Packed(_like(weight, src.gate), sglang_gate_up_scale(src, g))
@@ -261,7 +269,7 @@ def trtllm_pack_down(src: Down, g: RankGeometry, out: torch.Tensor | None = None
     weight = _bytes(out) if out is not None else torch.empty((n, ip // BLOCK_K, hidden, BLOCK_K),
                                                               dtype=torch.uint8, device=src.weight.device)
     if real:
-        _shuffled_rows_into(weight[:, : real // BLOCK_K], _bytes(src.weight)[:, :, g.row_start : g.row_start + real])
+        _shuffled_into(weight[:, : real // BLOCK_K], _bytes(src.weight)[:, :, g.row_start : g.row_start + real])
     weight[:, real // BLOCK_K :].zero_()
     return Packed(_like(weight, src.weight), sglang_down_scale(src, g))
 

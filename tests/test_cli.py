@@ -87,3 +87,27 @@ def test_convert_with_recipe_and_override(cli, tmp_path):
 def test_missing_source_is_one_line(cli, tmp_path):
     r = cli("convert", tmp_path / "nope", tmp_path / "out")
     assert r.returncode != 0 and "not a directory" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_thread_count_changes_no_byte_and_is_given_back(tiny_bf16, tmp_path):
+    """--threads is a speed setting only: 1 and 3 torch threads give the same files, and the
+    process-wide thread count is the caller's again afterwards."""
+    import torch
+
+    from convert.execute import ConvertOptions, convert, default_torch_threads
+
+    assert [default_torch_threads(c) for c in (1, 2, 3, 16)] == [1, 1, 1, 8]
+    before = torch.get_num_threads()
+    outputs = []
+    for threads in (1, 3):
+        out = tmp_path / f"t{threads}"
+        convert(tiny_bf16, out, ConvertOptions(profile="trtllm", tp=4, quiet=True, torch_threads=threads))
+        assert torch.get_num_threads() == before
+        outputs.append({p.relative_to(out): p.read_bytes() for p in out.rglob("*.safetensors")})
+    assert outputs[0] == outputs[1] and outputs[0]
+
+
+def test_threads_option_is_checked(cli, tiny_fp8, tmp_path):
+    assert cli("convert", tiny_fp8, tmp_path / "a", "--threads", "1", "-q").returncode == 0
+    r = cli("convert", tiny_fp8, tmp_path / "b", "--threads", "0", "-q")
+    assert r.returncode != 0 and "--threads" in r.stderr and not (tmp_path / "b").exists()
