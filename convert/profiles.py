@@ -180,8 +180,12 @@ def sglang_shapes(hidden: int, g: RankGeometry) -> RankTensorShapes:
 # -- trtllm: TRT-LLM row shuffle + BlockMajorK -------------------------------------------------
 
 
-def _shuffle_block(epilogue_tile_m: int = EPILOGUE_TILE_M) -> int:
-    return 32 if epilogue_tile_m % 128 == 0 else 16
+def _shuffle_groups(rows: int, epilogue_tile_m: int = EPILOGUE_TILE_M) -> tuple[int, int]:
+    """(rows per shuffle block, g): blocks of 16 rows, or 32 when the epilogue tile is a multiple of 128."""
+    block = 32 if epilogue_tile_m % 128 == 0 else 16
+    if rows % block:
+        raise ValueError(f"shuffle needs a multiple of {block} rows, got {rows}")
+    return block, block // 8
 
 
 def shuffle_row_indices(rows: int, epilogue_tile_m: int = EPILOGUE_TILE_M) -> torch.Tensor:
@@ -191,10 +195,7 @@ def shuffle_row_indices(rows: int, epilogue_tile_m: int = EPILOGUE_TILE_M) -> to
     `i` lands at `i // g + 8 * (i % g)`, `g = block / 8`: the rows one epilogue thread group
     stores are made adjacent.
     """
-    block = _shuffle_block(epilogue_tile_m)
-    if rows % block:
-        raise ValueError(f"shuffle needs a multiple of {block} rows, got {rows}")
-    groups = block // 8
+    block, groups = _shuffle_groups(rows, epilogue_tile_m)
     src = torch.arange(rows)
     within = src % block
     dst = src - within + within // groups + 8 * (within % groups)
@@ -211,10 +212,7 @@ def _shuffled_into(dst: torch.Tensor, rows: torch.Tensor) -> None:
     on one core 16% less time than a gather by `shuffle_row_indices` over a layer's two projections.
     """
     n, r, k = rows.shape
-    block = _shuffle_block()
-    if r % block:
-        raise ValueError(f"shuffle needs a multiple of {block} rows, got {r}")
-    groups = block // 8
+    block, groups = _shuffle_groups(r)
     source = _bytes(rows).view(n, r // block, 8, groups, k // BLOCK_K, BLOCK_K).permute(0, 4, 1, 3, 2, 5)
     dst.view(n, k // BLOCK_K, r // block, groups, 8, BLOCK_K).copy_(source)
 
@@ -222,10 +220,9 @@ def _shuffled_into(dst: torch.Tensor, rows: torch.Tensor) -> None:
 def to_block_major_shuffled(w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """`[n, M, K]` MajorK weights -> row-shuffled BlockMajorK `[n, K/128, M, 128]` (into `out` when given)."""
     n, m, k = w.shape
-    result = _bytes(out) if out is not None else torch.empty((n, k // BLOCK_K, m, BLOCK_K), dtype=torch.uint8,
-                                                             device=w.device)
+    result, _ = _weight_out((n, k // BLOCK_K, m, BLOCK_K), w, out)
     _shuffled_into(result, w)
-    return out if out is not None else _like(result, w)
+    return _like(result, w)
 
 
 def from_block_major_shuffled(w: torch.Tensor) -> torch.Tensor:
@@ -244,14 +241,14 @@ def trtllm_pack_gate_up(src: GateUp, g: RankGeometry, out: torch.Tensor | None =
         return Packed(to_block_major_shuffled(p.weight, out), p.scale)
     # The shuffle permutes rows within 16-row blocks, and the up rows, the gate rows and the two
     # paddings all start on such blocks: each region is shuffled on its own, straight from the source.
-    weight = _bytes(out) if out is not None else torch.empty((n, hidden // BLOCK_K, 2 * ip, BLOCK_K),
-                                                              dtype=torch.uint8, device=src.gate.device)
+    weight, zeroed = _weight_out((n, hidden // BLOCK_K, 2 * ip, BLOCK_K), src.gate, out)
     rows = slice(g.row_start, g.row_start + real)
     if real:
         _shuffled_into(weight[:, :, :real], src.up[:, rows])
         _shuffled_into(weight[:, :, ip : ip + real], src.gate[:, rows])
-    weight[:, :, real:ip].zero_()
-    weight[:, :, ip + real :].zero_()
+    if not zeroed:
+        weight[:, :, real:ip].zero_()
+        weight[:, :, ip + real :].zero_()
     return Packed(_like(weight, src.gate), sglang_gate_up_scale(src, g))
 
 
@@ -266,11 +263,11 @@ def trtllm_pack_down(src: Down, g: RankGeometry, out: torch.Tensor | None = None
         p = sglang_pack_down(src, g)  # a K block straddles real and padding columns: lay out the whole matrix
         return Packed(to_block_major_shuffled(p.weight, out), p.scale)
     # K blocks of real columns come straight from the source; blocks past the source's end are zero.
-    weight = _bytes(out) if out is not None else torch.empty((n, ip // BLOCK_K, hidden, BLOCK_K),
-                                                              dtype=torch.uint8, device=src.weight.device)
+    weight, zeroed = _weight_out((n, ip // BLOCK_K, hidden, BLOCK_K), src.weight, out)
     if real:
         _shuffled_into(weight[:, : real // BLOCK_K], _bytes(src.weight)[:, :, g.row_start : g.row_start + real])
-    weight[:, real // BLOCK_K :].zero_()
+    if not zeroed:
+        weight[:, real // BLOCK_K :].zero_()
     return Packed(_like(weight, src.weight), sglang_down_scale(src, g))
 
 
