@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -237,30 +238,19 @@ EXPERT = "model.layers.1.block_sparse_moe.experts.3.w3.weight"
 SCALE = EXPERT + "_scale_inv"
 
 
-def _index_escape(src: Path) -> None:
-    index = _index(src)
-    index["weight_map"]["model.norm.weight"] = "../outside.safetensors"
-    _write_index(src, index)
-
-
-def _index_absolute(src: Path) -> None:
-    index = _index(src)
-    index["weight_map"]["model.norm.weight"] = "/etc/passwd"
-    _write_index(src, index)
+def _point_index_at(file_name: str) -> Callable[[Path], None]:
+    """A damage that makes the index put `model.norm.weight` in `file_name`."""
+    def damage(src: Path) -> None:
+        index = _index(src)
+        index["weight_map"]["model.norm.weight"] = file_name
+        _write_index(src, index)
+    return damage
 
 
 def _symlink_escape(src: Path) -> None:
-    index = _index(src)
     (src.parent / "elsewhere.safetensors").write_bytes(b"")
     os.symlink(src.parent / "elsewhere.safetensors", src / "linked.safetensors")
-    index["weight_map"]["model.norm.weight"] = "linked.safetensors"
-    _write_index(src, index)
-
-
-def _index_missing_file(src: Path) -> None:
-    index = _index(src)
-    index["weight_map"]["model.norm.weight"] = "model-00009-of-00009.safetensors"
-    _write_index(src, index)
+    _point_index_at("linked.safetensors")(src)
 
 
 def _truncate(src: Path) -> None:
@@ -403,10 +393,10 @@ def _pickle_only(src: Path) -> None:
 
 CASES = {
     # name: (damage, words the one-line message must contain)
-    "index-escapes-with-dotdot": (_index_escape, ["model.safetensors.index.json", "outside the source folder"]),
-    "index-absolute-path": (_index_absolute, ["/etc/passwd", "outside the source folder"]),
+    "index-escapes-with-dotdot": (_point_index_at("../outside.safetensors"), ["model.safetensors.index.json", "outside the source folder"]),
+    "index-absolute-path": (_point_index_at("/etc/passwd"), ["/etc/passwd", "outside the source folder"]),
     "index-symlink-escapes": (_symlink_escape, ["linked.safetensors", "resolves outside the source folder"]),
-    "index-names-missing-file": (_index_missing_file, ["model-00009-of-00009.safetensors", "missing"]),
+    "index-names-missing-file": (_point_index_at("model-00009-of-00009.safetensors"), ["model-00009-of-00009.safetensors", "missing"]),
     "truncated-shard": (_truncate, [".safetensors", "truncated"]),
     "header-length-past-end": (_header_length_past_end, [".safetensors", "runs past the end of the file"]),
     "header-bad-json": (_bad_json, [".safetensors", "not valid JSON"]),
