@@ -10,8 +10,8 @@ and alternating between tasks each round:
   fp8->sglang-tp4          mm-convert convert, FP8 source
   fp8->trtllm-tp4          mm-convert convert, FP8 source
   bf16->sglang-tp4         mm-convert convert, BF16 source quantised to FP8
-  fp8->trtllm+allthr,      the same conversions with as many torch threads as cores (torch's own
-  bf16->sglang+allthr      default; not run unless named in --tasks): the baseline for --threads
+  fp8->trtllm+allthr,      the same conversions with torch's own default thread count (one per
+  bf16->sglang+allthr      core; not run unless named in --tasks): the baseline for --threads
   llmc-bf16                llm-compressor model_free_ptq FP8_BLOCK on the BF16 source (CPU), if a
                            Python with llmcompressor is given (installed only for the benchmark)
 
@@ -143,6 +143,9 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
+    import torch
+
+    torch_default_threads = str(torch.get_num_threads())  # what torch would use if --threads did not set it
     tasks = {
         "copy-fp8": (py, COPY, "fp8", []),
         "fp8->sglang-tp4": (py, CONVERT, "fp8", ["sglang"]),
@@ -151,8 +154,8 @@ def main() -> None:
         "bf16->sglang-tp4": (py, CONVERT, "bf16", ["sglang"]),
         "llmc-bf16": (args.llmcompressor_python, LLMC, "bf16", []),
         # The baseline for the --threads default: torch's own default of one thread per core.
-        "fp8->trtllm+allthr": (py, CONVERT, "fp8", ["trtllm", "--threads", str(os.cpu_count())]),
-        "bf16->sglang+allthr": (py, CONVERT, "bf16", ["sglang", "--threads", str(os.cpu_count())]),
+        "fp8->trtllm+allthr": (py, CONVERT, "fp8", ["trtllm", "--threads", torch_default_threads]),
+        "bf16->sglang+allthr": (py, CONVERT, "bf16", ["sglang", "--threads", torch_default_threads]),
     }
     chosen = [t for t in args.tasks.split(",") if t in tasks and (t != "llmc-bf16" or args.llmcompressor_python)]
     sources = make_sources(args.work, args.layers, {tasks[t][2] for t in chosen})
@@ -201,7 +204,7 @@ def main() -> None:
     walls = {r["task"]: r["wall_s"] for r in table if "error" not in r}
     for default, all_threads in (("fp8->trtllm-tp4", "fp8->trtllm+allthr"), ("bf16->sglang-tp4", "bf16->sglang+allthr")):
         if default in walls and all_threads in walls:
-            print(f"{default} with {os.cpu_count()} torch threads takes {walls[all_threads] / walls[default]:.2f}x the default's time")
+            print(f"{default} with {torch_default_threads} torch threads takes {walls[all_threads] / walls[default]:.2f}x the default's time")
     llmc = next((r for r in table if r["task"] == "llmc-bf16" and "error" not in r), None)
     ours = next((r for r in table if r["task"] == "bf16->sglang-tp4" and "error" not in r), None)
     if llmc and ours:

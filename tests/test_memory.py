@@ -55,7 +55,7 @@ def test_peak_memory_does_not_grow_with_layers(tmp_path, profile):
                 shutil.rmtree(out)
             peaks[layers] = max(runs)
         finally:
-            # About 2.5 GB on disk at 12 layers: CI machines may have little free, so none of it is kept.
+            # 2.3 GB on disk at 12 layers: CI machines may have little free, so none of it is kept.
             shutil.rmtree(src, ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)
     growth = peaks[12] - peaks[3]
