@@ -64,44 +64,75 @@ def _validation_table(manifest: Manifest) -> list[str]:
 
 
 def _title(config: dict, block: ConfigBlock, base: str | None) -> str:
-    shapes = ", ".join(s.parallel.label for s in block.shapes)
+    shapes = ", ".join(s.label for s in block.shapes)
     name = base.split("/")[-1] if base else ("Synthetic tiny MiniMax-M2" if SYNTHETIC_KEY in config else "MiniMax-M2")
+    if block.format == "presharded":
+        return f"{name}, FP8, presharded for SGLang with the routed TRT-LLM MoE kernel ({shapes})"
     return f"{name}, FP8 experts laid out for the routed TRT-LLM MoE kernel ({block.profile} profile; {shapes})"
 
 
-def render_card(config: dict, manifest: Manifest, license_id: str | None = None) -> str:
-    """The card's text. It names no Hub repo of its own, so the published card is the local one."""
-    block = ConfigBlock.from_dict(config[output_format.CONFIG_BLOCK_KEY])
-    src = manifest.source
-    base, origin = _origin(config, src)
-    title = _title(config, block, base)
-    others = [f for f in manifest.files if f.path != output_format.MODEL_CARD_NAME]
-    weights = (
-        "The routed experts were FP8 (e4m3, 128x128 block scales) in the source and were carried over byte for byte."
-        if block.source_kind == "fp8" else
-        "The routed experts were BF16 in the source and were quantised to FP8 e4m3 with 128x128 block scales "
-        "(FlashInfer's rule: scale = amax/448 per block); every other tensor is unchanged."
-    )
+def _weights_sentence(block: ConfigBlock) -> str:
+    if block.source_kind == "fp8":
+        return "The routed experts were FP8 (e4m3, 128x128 block scales) in the source and were carried over byte for byte."
+    return ("The routed experts were BF16 in the source and were quantised to FP8 e4m3 with 128x128 block scales "
+            "(FlashInfer's rule: scale = amax/448 per block); attention, norms, router and embeddings keep their dtype.")
+
+
+def _layout_sentence(profile: str) -> str:
+    if profile == "sglang":
+        return ("gate/up rows as `[up (w3); gate (w1)]`, the rank's 128-padded slice of the intermediate dimension, "
+                "zero padding; MajorK, unshuffled (byte-identical to what SGLang's loader builds)")
+    return "the sglang layout plus TRT-LLM's row shuffle (epilogue tile 64) and BlockMajorK (128) on the weights"
+
+
+def _presharded_sections(block: ConfigBlock) -> list[str]:
+    from convert.presharded import launch_command
+    from convert.sglang_state import GPU_ARCH_NAMES
+
     lines = [
-        _metadata(manifest, base, license_id),
-        "",
-        f"# {title}",
-        "",
-        f"{origin}, with its routed experts pre-laid-out for FlashInfer's TRT-LLM routed FP8 MoE kernel "
-        f"(`{block.kernel}`), the kernel SGLang runs with `--moe-runner-backend {block.moe_runner_backend}`. "
-        f"Made with mm-convert {manifest.tool_version}.",
-        "",
         "## What was done to the weights",
         "",
-        f"- {weights}",
+        f"- {_weights_sentence(block)}",
+        "- Every rank's whole state is stored as SGLang 0.5.23 holds it after loading (`--load-format presharded`): "
+        "attention `qkv_proj` merged from the rank's q, k and v rows, `o_proj` the rank's columns, q/k norms per rank, "
+        "the embedding and lm_head padded and split by rows, norms, router and correction bias replicated; "
+        f"experts in the `{block.profile}` profile ({_layout_sentence(block.profile)}).",
+        "- For Blackwell (`sm100`) the FP8 linear layers are stored as SGLang's DeepGEMM post-processing leaves them: "
+        "weights re-quantised with power-of-two block scales, scales packed as UE8M0 int32. For Hopper (`sm90`) they "
+        "are the source bytes.",
+        "- Each tensor is stored once under its content hash; `checksum.json` says which file and key every rank "
+        "reads and holds each rank's checksum; `READY` marks the folder complete.",
+        "",
+        "## Serving with SGLang",
+        "",
+        "The folder holds no standard weight shards on purpose: SGLang loads it only with `--load-format presharded` and "
+        "the `presharded_path` below, and any other load fails at once instead of serving uninitialised experts. "
+        f"The folder key does not record the MoE backend, so serve it with `--moe-runner-backend {block.moe_runner_backend}` "
+        "only (another backend would read the gate/up halves in the wrong order).",
+        "",
+        "| shape | GPU | SGLang | ranks | files | folder |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in block.shapes:
+        ranks = "all" if s.ranks is None else ",".join(map(str, s.ranks))
+        lines.append(f"| {s.parallel.label} | {GPU_ARCH_NAMES.get(s.gpu_arch or '', s.gpu_arch)} | {s.sglang_version} | "
+                     f"{ranks} | {s.data_files} | `{s.dir}` |")
+    lines += ["", "```bash", "MODEL=/path/to/this/folder  # where this repository was downloaded"]
+    for s in block.shapes:
+        lines.append(launch_command("MODEL", s.tp, s.ep, s.dir.split("/")[0], block.moe_runner_backend, shell_variable=True))
+    lines += ["```", ""]
+    return lines
+
+
+def _experts_sections(block: ConfigBlock) -> list[str]:
+    lines = [
+        "## What was done to the weights",
+        "",
+        f"- {_weights_sentence(block)}",
         "- Non-expert tensors (attention, norms, router, embeddings, lm_head) are unchanged, in standard shards "
         "(`model-*.safetensors` + `model.safetensors.index.json`).",
         f"- Each rank's experts are stored kernel-ready under `experts/tp{{T}}-ep{{E}}/rank-{{r}}-part-{{p}}.safetensors`, "
-        f"profile `{block.profile}`: "
-        + ("gate/up rows as `[up (w3); gate (w1)]`, the rank's 128-padded slice of the intermediate dimension, "
-           "zero padding; MajorK, unshuffled (byte-identical to what SGLang's loader builds)."
-           if block.profile == "sglang" else
-           "the sglang layout plus TRT-LLM's row shuffle (epilogue tile 64) and BlockMajorK (128) on the weights."),
+        f"profile `{block.profile}`: {_layout_sentence(block.profile)}.",
         f"- Kernel flags: `use_shuffled_weight={block.use_shuffled_weight}`, `weight_layout={block.weight_layout}`.",
         "",
         "## Parallel shapes and serving flags",
@@ -117,8 +148,39 @@ def render_card(config: dict, manifest: Manifest, license_id: str | None = None)
         "",
         "The per-rank expert files hold exactly the `w13_weight`, `w13_weight_scale_inv`, `w2_weight` and "
         "`w2_weight_scale_inv` buffers of each rank; they are meant to be loaded into those buffers directly. "
-        "SGLang 0.5.23 has no loader for them yet: without one, serve the original checkpoint.",
+        "SGLang does not read them: for SGLang, convert with `--format presharded` (the default for the sglang profile).",
         "",
+    ]
+    return lines
+
+
+def _convert_command(block: ConfigBlock, s) -> str:
+    if s.format == "presharded":
+        ranks = "" if s.ranks is None else f" --ranks {','.join(map(str, s.ranks))}"
+        return f"mm-convert convert SOURCE OUT --tp {s.tp} --ep {s.ep} --gpu-arch {s.gpu_arch}{ranks}"
+    fmt = "" if output_format.default_format(block.profile) == "experts" else " --format experts"
+    return f"mm-convert convert SOURCE OUT{fmt} --profile {block.profile} --tp {s.tp} --ep {s.ep}"
+
+
+def render_card(config: dict, manifest: Manifest, license_id: str | None = None) -> str:
+    """The card's text. It names no Hub repo of its own, so the published card is the local one."""
+    block = ConfigBlock.from_dict(config[output_format.CONFIG_BLOCK_KEY])
+    src = manifest.source
+    base, origin = _origin(config, src)
+    title = _title(config, block, base)
+    others = [f for f in manifest.files if f.path != output_format.MODEL_CARD_NAME]
+    what = ("every rank's state pre-sharded for SGLang's `--load-format presharded`" if block.format == "presharded"
+            else "its routed experts pre-laid-out")
+    lines = [
+        _metadata(manifest, base, license_id),
+        "",
+        f"# {title}",
+        "",
+        f"{origin}, with {what} for FlashInfer's TRT-LLM routed FP8 MoE kernel "
+        f"(`{block.kernel}`), the kernel SGLang runs with `--moe-runner-backend {block.moe_runner_backend}`. "
+        f"Made with mm-convert {manifest.tool_version}.",
+        "",
+        *(_presharded_sections(block) if block.format == "presharded" else _experts_sections(block)),
         "## Validation",
         "",
         *_validation_table(manifest),
@@ -134,7 +196,7 @@ def render_card(config: dict, manifest: Manifest, license_id: str | None = None)
         *([f"mm-convert download {src.repo_id} SOURCE --revision {src.revision}"] if src.repo_id else
           [f"mm-convert make-tiny SOURCE --dtype {config[SYNTHETIC_KEY].get('dtype')} --seed {config[SYNTHETIC_KEY].get('seed')}"]
           if SYNTHETIC_KEY in config else [f"# SOURCE: the local folder {src.path}"]),
-        *(f"mm-convert convert SOURCE OUT --profile {block.profile} --tp {s.tp} --ep {s.ep}" for s in block.shapes),
+        *(_convert_command(block, s) for s in block.shapes),
         "mm-convert validate OUT --source SOURCE --record",
         "```",
         "",

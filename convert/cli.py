@@ -61,10 +61,16 @@ def convert(
     source: Optional[str] = typer.Argument(None, help="Source folder (or Hub repo id). Optional with --recipe."),
     out: Optional[Path] = typer.Argument(None, help="Output folder. Optional with --recipe."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="A TOML recipe; flags override it."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="presharded (SGLang's --load-format presharded; the default "
+                                      "for the sglang profile) or experts (kernel-ready experts beside standard shards)."),
     profile: Optional[str] = typer.Option(None, "--profile", help="sglang (MajorK, unshuffled) or trtllm (shuffled, BlockMajorK)."),
     tp: Optional[int] = typer.Option(None, "--tp", help="Tensor-parallel size of the serving launch (1-16)."),
     ep: Optional[int] = typer.Option(None, "--ep", help="Expert-parallel size (divides tp and the experts)."),
     part_size: Optional[str] = typer.Option(None, "--part-size", help="Largest expert part file, e.g. 5GB (default) or 500MB."),
+    gpu_arch: Optional[str] = typer.Option(None, "--gpu-arch", help="presharded: sm100 (Blackwell, default: the routed "
+                                           "kernel's GPU) or sm90 (Hopper; also what SGLang on a CPU holds)."),
+    ranks: Optional[str] = typer.Option(None, "--ranks", help="presharded: write only these ranks' files, e.g. 0,1 or 0-3 "
+                                        "(byte-identical to a full run's)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda: where quantisation and layout run."),
     chunk_size: str = typer.Option("256MB", "--chunk-size", help="Working set per chunk of experts (memory vs. speed)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1,
@@ -94,8 +100,12 @@ def convert(
         recipe_name = r.name
         source_path = source_path or str(prepare_source(r, quiet)[0])
         out = out or r.output_path
-    spec = override(spec, profile=profile, tp=tp, ep=ep, device=device,
+    from convert.plan import parse_ranks
+
+    spec = override(spec, profile=profile, tp=tp, ep=ep, device=device, format=fmt, gpu_arch=gpu_arch,
                     part_size=parse_size(part_size, "--part-size") if part_size else None)
+    if ranks is not None:
+        spec = override(spec, ranks=parse_ranks(ranks, spec.tp))
     if source_path is None or out is None:
         _fail("convert needs SOURCE and OUT (or a --recipe that names them)")
     if looks_like_repo_id(source_path):
@@ -106,19 +116,20 @@ def convert(
     record = DownloadRecord.load(Path(source_path))
     result = run_convert(
         source_path, out,
-        ConvertOptions(profile=spec.profile, tp=spec.tp, ep=spec.ep, part_size=spec.part_size, device=spec.device,
-                       overwrite=overwrite, quiet=quiet, recipe_name=recipe_name,
-                       chunk_bytes=parse_size(chunk_size, "--chunk-size"), torch_threads=threads,
-                       source_repo=record.repo_id if record else None,
-                       source_revision=record.revision if record else None,
-                       source_sha256=record.sha256s() if record else {}),
+        ConvertOptions.from_spec(spec, overwrite=overwrite, quiet=quiet, recipe_name=recipe_name,
+                                 chunk_bytes=parse_size(chunk_size, "--chunk-size"), torch_threads=threads,
+                                 source_repo=record.repo_id if record else None,
+                                 source_revision=record.revision if record else None,
+                                 source_sha256=record.sha256s() if record else {}),
     )
     plan = result.plan
     typer.echo(
-        f"converted to {result.out}: profile {plan.profile.name}, {plan.parallel.label} "
+        f"converted to {result.out}: {result.label} "
         f"(moe_tp {plan.parallel.moe_tp}, I_p {plan.padded_intermediate_size}), {len(result.records)} files, "
         f"{result.bytes_written / 1e6:.1f} MB written, {result.files_reused} reused, {result.seconds:.1f} s"
     )
+    if result.launch_command:
+        typer.echo(f"serve it with:\n  {result.launch_command}")
 
 
 @app.command()

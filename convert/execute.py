@@ -1,11 +1,18 @@
 """One conversion end to end: plan, work area, files, manifest, commit.
 
-`convert` opens the source, builds the plan (refusing an impossible request before anything is
-written), takes the output folder's lock, checks the fingerprint, then fills the planned files:
-pass-through shards by copying bytes, expert parts through `transform.write_part_group`, then the
-config, index, auxiliary files and model card. Files already done (staged by an interrupted run, or
-kept from an earlier conversion into the same folder) are re-hashed and kept. Everything is renamed
-into place at the end and the manifest is written last.
+`convert` opens the source, builds the plan of the requested output format (refusing an
+impossible request before anything is written), takes the output folder's lock, checks the
+fingerprint, then fills the planned files, then the config, auxiliary files and model card. Files
+already done (staged by an interrupted run, or kept from an earlier conversion into the same
+folder) are re-hashed and kept. Everything is renamed into place at the end and the manifest is
+written last.
+
+- `experts`: pass-through shards by copying bytes (plus their index), each rank's expert parts
+  through the rank-tensor stream (convert/transform.py) into `FileSink`s.
+- `presharded`: the stream runs twice: first into `HashSink`s (every rank's content keys, which
+  name and deduplicate the stored tensors; kept in the work area so a rerun skips it), then into
+  `FileSink`s that write each file once, by the rank that produces it, re-checking every key.
+  `checksum.json` follows, and `READY` is renamed into place last.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import json
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -23,16 +30,28 @@ import torch
 from convert import __version__, model, output_format
 from convert.card import license_from_source, render_card
 from convert.errors import ConvertError
-from convert.fsutil import FileRecord
+from convert.fsutil import FileRecord, atomic_write_bytes
 from convert.manifest import Census, DtypeCount, Manifest, SourceIdentity, new_manifest
 from convert.output_format import ConfigBlock, ShapeEntry
 from convert.parallel import ParallelShape
-from convert.plan import ConversionPlan, PlannedFile, build_plan
+from convert import presharded, sglang_state
+from convert.plan import (
+    ConversionPlan,
+    PlannedFile,
+    PreshardedLayout,
+    PreshardedPlan,
+    build_plan,
+    build_presharded_plan,
+    lay_out_presharded,
+)
 from convert.profiles import get_profile
+from convert.recipe import ConvertSpec
 from convert.progress import byte_bar
 from convert.safetensors_file import read_header
+from convert.sinks import FileSink, HashSink
+from convert.sglang_state import DEFAULT_GPU_ARCH, PreshardedTarget
 from convert.source import SourceCheckpoint
-from convert.transform import DEFAULT_CHUNK_BYTES, write_part_group
+from convert.transform import DEFAULT_CHUNK_BYTES, RankStream, expert_stream, run_stream
 from convert.writer import WorkDir
 
 COPY_CHUNK = 64 * 1024 * 1024
@@ -54,26 +73,69 @@ class ConvertOptions:
     recipe_name: str | None = None
     # torch intra-op threads for the transforms; None: `default_torch_threads()`
     torch_threads: int | None = None
+    format: str | None = None  # None: `output_format.default_format(profile)`
+    gpu_arch: str = DEFAULT_GPU_ARCH  # presharded: the GPU whose post-processed state is written
+    ranks: tuple[int, ...] | None = None  # presharded: write only these ranks' files (None: all)
+
+    @property
+    def output_format(self) -> str:
+        return self.format or output_format.default_format(self.profile)
+
+    @classmethod
+    def from_spec(cls, spec: "ConvertSpec", **rest: Any) -> "ConvertOptions":
+        """A recipe's [convert] table (with command-line overrides applied) plus run settings."""
+        return cls(profile=spec.profile, tp=spec.tp, ep=spec.ep, part_size=spec.part_size, device=spec.device,
+                   format=spec.format, gpu_arch=spec.gpu_arch, ranks=spec.ranks, **rest)
 
     def recipe_record(self) -> dict[str, Any]:
-        return {
+        record = {
             "name": self.recipe_name,
+            "format": self.output_format,
             "profile": self.profile,
             "tp": self.tp,
             "ep": self.ep,
-            "part_size": self.part_size,
         }
+        if self.output_format == "presharded":
+            record.update(gpu_arch=self.gpu_arch, ranks=list(self.ranks) if self.ranks is not None else None)
+        else:
+            record["part_size"] = self.part_size
+        return record
+
+    def check(self) -> None:
+        """Refuse a combination that cannot be written, in one line, before the source is read."""
+        fmt = self.output_format
+        if fmt not in output_format.OUTPUT_FORMATS:
+            raise ConvertError(f"--format {fmt!r}: choose one of {', '.join(output_format.OUTPUT_FORMATS)}")
+        get_profile(self.profile)
+        if fmt == "presharded" and self.profile != "sglang":
+            raise ConvertError(f"--format presharded holds SGLang's own state, which is the sglang profile; "
+                               f"profile {self.profile!r} needs --format experts")
+        if fmt == "experts" and self.ranks is not None:
+            raise ConvertError("--ranks applies to --format presharded (the experts format writes every rank)")
+        if fmt == "experts" and self.gpu_arch != DEFAULT_GPU_ARCH:
+            raise ConvertError("--gpu-arch applies to --format presharded (the experts format is the same on every GPU)")
+        PreshardedTarget(ParallelShape(self.tp, self.ep), self.gpu_arch).check()
 
 
 @dataclass(frozen=True)
 class ConvertResult:
     out: Path
-    plan: ConversionPlan
+    plan: ConversionPlan | PreshardedPlan
     records: tuple[FileRecord, ...]
     bytes_written: int
     files_reused: int
     data_files_written: int  # shards and expert parts written by this run (0: everything was already there)
     seconds: float
+    shape: ShapeEntry | None = None  # the shape this conversion wrote, as recorded
+    launch_command: str | None = None  # presharded: how SGLang serves it
+
+    @property
+    def label(self) -> str:
+        p = self.plan
+        if isinstance(p, PreshardedPlan):
+            ranks = "" if len(p.ranks) == p.parallel.tp else f", ranks {','.join(map(str, p.ranks))}"
+            return f"presharded {p.parallel.label} for {p.target.gpu_arch}{ranks}"
+        return f"experts, profile {p.profile.name}, {p.parallel.label}"
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -127,10 +189,8 @@ def _fingerprint(source: SourceCheckpoint, options: ConvertOptions) -> dict[str,
         "source_files": [[f.name, f.size, f.mtime_ns, f.header_sha256] for f in source.files],
         "source_repo": options.source_repo,
         "source_revision": options.source_revision,
-        "profile": options.profile,
-        "tp": options.tp,
-        "ep": options.ep,
-        "part_size": options.part_size,
+        **options.recipe_record(),
+        "name": None,
     }
 
 
@@ -146,16 +206,19 @@ def _check_out_folder(out: Path, source: SourceCheckpoint) -> None:
             raise ConvertError(f"{out}: not empty and holds no mm-convert output; choose an empty or new folder")
 
 
-def _previous(out: Path, identity: SourceIdentity, plan: ConversionPlan, overwrite: bool) -> Manifest | None:
+def _previous(out: Path, identity: SourceIdentity, profile: str, fmt: str, overwrite: bool) -> Manifest | None:
     """A finished conversion already in `out` that this one may extend with another parallel shape."""
     if not (out / output_format.MANIFEST_NAME).exists():
         return None
     previous = Manifest.load(out)
+    previous_format = previous.recipe.get("format", "experts")
     reason = None
     if not previous.source.same_weights(identity):
         reason = "a different source"
-    elif previous.profile != plan.profile.name:
+    elif previous.profile != profile:
         reason = f"profile {previous.profile!r} (one profile per output folder)"
+    elif previous_format != fmt:
+        reason = f"format {previous_format!r} (one output format per folder)"
     if reason is None:
         return previous
     if not overwrite:
@@ -170,7 +233,7 @@ def _remove_previous(out: Path, previous: Manifest) -> None:
     (out / output_format.MANIFEST_NAME).unlink(missing_ok=True)
 
 
-def _config_json(source: SourceCheckpoint, plan: ConversionPlan, shapes: list[ShapeEntry]) -> dict[str, Any]:
+def _config_json(source: SourceCheckpoint, profile: str, fmt: str, shapes: list[ShapeEntry]) -> dict[str, Any]:
     config = dict(source.config)
     if source.kind != "fp8":
         # BF16 sources: only the routed experts become FP8; everything else stays as it was.
@@ -181,14 +244,16 @@ def _config_json(source: SourceCheckpoint, plan: ConversionPlan, shapes: list[Sh
             "weight_block_size": [model.QUANT_BLOCK, model.QUANT_BLOCK],
             "modules_to_not_convert": ["self_attn", *model.MODULES_NOT_CONVERTED],
         }
+    flags = get_profile(profile).flags
     block = ConfigBlock(
         format_version=output_format.FORMAT_VERSION,
-        profile=plan.profile.name,
-        use_shuffled_weight=plan.profile.flags.use_shuffled_weight,
-        weight_layout=plan.profile.flags.weight_layout,
-        source_kind=plan.source_kind,
+        profile=profile,
+        use_shuffled_weight=flags.use_shuffled_weight,
+        weight_layout=flags.weight_layout,
+        source_kind=source.kind,
         shapes=tuple(shapes),
         tool_version=__version__,
+        format=fmt,
     )
     config[output_format.CONFIG_BLOCK_KEY] = block.to_dict()
     return config
@@ -206,11 +271,29 @@ def shape_entry(plan: ConversionPlan) -> ShapeEntry:
     )
 
 
+def presharded_shape_entry(plan: PreshardedPlan, data_files: int) -> ShapeEntry:
+    every_rank = len(plan.ranks) == plan.parallel.tp
+    return ShapeEntry(
+        tp=plan.parallel.tp,
+        ep=plan.parallel.ep,
+        moe_tp=plan.parallel.moe_tp,
+        padded_intermediate_size=plan.padded_intermediate_size,
+        experts_per_rank=plan.geometry[0].num_local_experts,
+        parts_per_rank=0,
+        dir=plan.folder,
+        format="presharded",
+        gpu_arch=plan.target.gpu_arch,
+        sglang_version=sglang_state.SGLANG_VERSION,
+        ranks=None if every_rank else plan.ranks,
+        data_files=data_files,
+    )
+
+
 def census(out_paths: dict[str, Path], source: SourceCheckpoint) -> Census:
     by_dtype: dict[str, list[int]] = {}
     expert = other = 0
     for path in out_paths.values():
-        if path.suffix != ".safetensors":
+        if path.suffix not in (".safetensors", presharded.FILE_SUFFIX):
             continue
         for info in read_header(path).tensors:
             counts = by_dtype.setdefault(info.dtype, [0, 0])
@@ -236,44 +319,94 @@ def _small_file(work: WorkDir, rel: str, data: bytes) -> FileRecord:
     return writer.finish()
 
 
+def _json_bytes(obj: Any, sort_keys: bool = False) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n").encode()
+
+
+@dataclass
+class _Written:
+    """What the data step of a conversion did."""
+
+    records: dict[str, FileRecord] = field(default_factory=dict)
+    bytes_written: int = 0
+    reused: int = 0
+    data_files_written: int = 0
+    last: tuple[str, ...] = ()  # paths renamed into place after every other file (presharded READY)
+
+
+class _Progress:
+    """The byte bar plus the reuse check every format shares."""
+
+    def __init__(self, work: WorkDir, previous: Manifest | None, written: _Written, bar) -> None:
+        self.work, self.previous, self.written, self.bar = work, previous, written, bar
+
+    def done(self, f: PlannedFile) -> bool:
+        """A planned file already complete (staged by an interrupted run, or kept from an earlier conversion)."""
+        known = self.previous.record(f.path) if self.previous else None
+        rec = self.work.verified(f.path, f.size, known, on_bytes=self.bar.update)
+        if rec is None:
+            return False
+        self.written.records[f.path] = rec
+        self.written.reused += 1
+        return True
+
+    def count(self, n: int) -> None:
+        self.written.bytes_written += n
+        self.bar.update(n)
+
+
 def convert(source_dir: str | os.PathLike, out: str | os.PathLike, options: ConvertOptions) -> ConvertResult:
     """Convert a MiniMax-M2 checkpoint folder into `out` (see README "Output format")."""
     started = time.monotonic()
     out = Path(out)
+    options.check()
+    fmt = options.output_format
     with SourceCheckpoint.open(source_dir) as source:
-        plan = build_plan(source, get_profile(options.profile), ParallelShape(options.tp, options.ep), options.part_size)
+        parallel = ParallelShape(options.tp, options.ep)
+        if fmt == "experts":
+            plan: ConversionPlan | PreshardedPlan = build_plan(source, get_profile(options.profile), parallel, options.part_size)
+        else:
+            plan = build_presharded_plan(source, PreshardedTarget(parallel, options.gpu_arch), options.ranks)  # type: ignore[arg-type]
         if options.device != "cpu" and not torch.cuda.is_available():
             raise ConvertError(f"--device {options.device}: no CUDA device is available here")
         identity = SourceIdentity.of(source, options.source_repo, options.source_revision, options.source_sha256)
         _check_out_folder(out, source)
-        previous = _previous(out, identity, plan, options.overwrite)
+        previous = _previous(out, identity, options.profile, fmt, options.overwrite)
+        if isinstance(plan, PreshardedPlan) and previous is not None:
+            plan = _with_previous_ranks(plan, previous)
         work = WorkDir(out)
         work.acquire()
         try:
             work.check_fingerprint(_fingerprint(source, options), options.overwrite)
             threads = options.torch_threads or default_torch_threads()
             with _torch_threads(threads):
-                records, written, reused, data_written = _write_all(source, plan, work, options, previous)
-            new_shape = shape_entry(plan)
-            shapes = [ShapeEntry(**s) for s in (previous.shapes if previous else [])
-                      if (s["tp"], s["ep"]) != (plan.parallel.tp, plan.parallel.ep)] + [new_shape]
-            config = _config_json(source, plan, shapes)
-            records[output_format.CONFIG_NAME] = _small_file(
-                work, output_format.CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode()
-            )
+                if isinstance(plan, ConversionPlan):
+                    written = _write_experts(source, plan, work, options, previous)
+                    new_shape = shape_entry(plan)
+                else:
+                    written, lay = _write_presharded(source, plan, work, options, previous)
+                    new_shape = presharded_shape_entry(plan, len(lay.needed))
+            for name in plan.auxiliary_files:
+                written.records[name] = _small_file(work, name, (source.root / name).read_bytes())
+            records = written.records
+            shapes = [ShapeEntry(**s) for s in (previous.shapes if previous else []) if s["dir"] != new_shape.dir] + [new_shape]
+            config = _config_json(source, options.profile, fmt, shapes)
+            records[output_format.CONFIG_NAME] = _small_file(work, output_format.CONFIG_NAME, _json_bytes(config))
             kept = [r for r in (previous.files if previous else []) if r.path not in records
                     and r.path != output_format.MODEL_CARD_NAME and not r.path.startswith(new_shape.dir + "/")]
             all_records = list(records.values()) + kept
             paths = {r.path: (work.staged_path(r.path) if work.staged_path(r.path).exists() else out / r.path)
                      for r in all_records}
-            validation = {k: v for k, v in (previous.validation if previous else {}).items() if k != new_shape.dir}
-            manifest = new_manifest(identity, plan.profile.name, options.recipe_record(),
+            # A shape whose files were (re)written must be validated again; one merely verified keeps its result.
+            validation = {k: v for k, v in (previous.validation if previous else {}).items()
+                          if k != new_shape.key or not written.data_files_written}
+            manifest = new_manifest(identity, options.profile, options.recipe_record(),
                                     [asdict(s) for s in shapes], all_records, census(paths, source), validation)
             card_text = render_card(config, manifest, license_from_source(source.root))
             records[output_format.MODEL_CARD_NAME] = _small_file(work, output_format.MODEL_CARD_NAME, card_text.encode())
             manifest.files = [r for r in manifest.files if r.path != output_format.MODEL_CARD_NAME] + \
                 [records[output_format.MODEL_CARD_NAME]]
-            work.commit(sorted(records))
+            work.commit(sorted(p for p in records if p not in written.last) + list(written.last))
             stale = previous.files if previous else []
             for rec in stale:
                 if rec.path.startswith(new_shape.dir + "/") and rec.path not in records:
@@ -282,50 +415,130 @@ def convert(source_dir: str | os.PathLike, out: str | os.PathLike, options: Conv
             work.remove()
         finally:
             work.release()
-    return ConvertResult(out, plan, tuple(records.values()), written, reused, data_written,
-                         time.monotonic() - started)
+    launch = None
+    if isinstance(plan, PreshardedPlan):
+        launch = presharded.launch_command(str(out.resolve()), plan.parallel.tp, plan.parallel.ep, plan.root,
+                                           sglang_state.MOE_RUNNER_BACKEND)
+    return ConvertResult(out, plan, tuple(records.values()), written.bytes_written, written.reused,
+                         written.data_files_written, time.monotonic() - started, new_shape, launch)
 
 
-def _write_all(source: SourceCheckpoint, plan: ConversionPlan, work: WorkDir, options: ConvertOptions,
-               previous: Manifest | None) -> tuple[dict[str, FileRecord], int, int, int]:
-    records: dict[str, FileRecord] = {}
-    written = reused = data_written = 0
+def _write_experts(source: SourceCheckpoint, plan: ConversionPlan, work: WorkDir, options: ConvertOptions,
+                   previous: Manifest | None) -> _Written:
+    written = _Written()
     with byte_bar(plan.total_bytes, f"convert {plan.profile.name} {plan.parallel.label}", options.quiet) as bar:
-
-        def done(f: PlannedFile) -> bool:
-            nonlocal reused
-            known = previous.record(f.path) if previous else None
-            rec = work.verified(f.path, f.size, known, on_bytes=bar.update)
-            if rec is None:
-                return False
-            records[f.path] = rec
-            reused += 1
-            return True
-
-        def count(n: int) -> None:
-            nonlocal written
-            written += n
-            bar.update(n)
-
+        progress = _Progress(work, previous, written, bar)
         for shard in plan.shards:
-            if not done(shard):
-                records[shard.path] = copy_shard(source, shard, work, count)
-                data_written += 1
-        for group in plan.part_groups:
-            todo = [g.rank for g in plan.ranks if not done(plan.expert_file(g.rank, group.part))]
-            if todo:
-                for rec in write_part_group(source, plan, group.part, todo, work, options.chunk_bytes,
-                                            options.device, count):
-                    records[rec.path] = rec
-                data_written += len(todo)
-
+            if not progress.done(shard):
+                written.records[shard.path] = copy_shard(source, shard, work, progress.count)
+                written.data_files_written += 1
+        todo: dict[int, list[PlannedFile]] = {}
+        for f in plan.expert_files:
+            if not progress.done(f):
+                todo.setdefault(f.rank, []).append(f)  # type: ignore[arg-type]
+        sinks = {r: FileSink(work, files, progress.count) for r, files in todo.items()}
+        streams = [RankStream(plan.ranks[r], expert_stream(plan.model, plan.profile, plan.ranks[r]), sink)
+                   for r, sink in sinks.items()]
+        run_stream(source, plan.profile, streams, options.chunk_bytes, options.device)
+        for sink in sinks.values():
+            for rec in sink.records:
+                written.records[rec.path] = rec
+            written.data_files_written += len(sink.records)
     index = {
         "metadata": {"total_size": sum(f.data_size for f in plan.shards)},
         "weight_map": {t.name: f.path for f in plan.shards for t in f.tensors},
     }
-    records[output_format.INDEX_NAME] = _small_file(
-        work, output_format.INDEX_NAME, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
-    )
-    for name in plan.auxiliary_files:
-        records[name] = _small_file(work, name, (source.root / name).read_bytes())
-    return records, written, reused, data_written
+    written.records[output_format.INDEX_NAME] = _small_file(work, output_format.INDEX_NAME, _json_bytes(index, sort_keys=True))
+    return written
+
+
+# -- presharded ------------------------------------------------------------------------------------
+
+KEYS_FILE = "content_keys.json"  # in the work area: the hashing pass's result, for a rerun
+
+
+def _with_previous_ranks(plan: PreshardedPlan, previous: Manifest) -> PreshardedPlan:
+    """Converting more ranks of a folder that holds some keeps those: the folder covers both."""
+    for s in previous.shapes:
+        if s.get("dir") == plan.folder:
+            earlier = s.get("ranks")
+            ranks = set(range(plan.parallel.tp)) if earlier is None else set(earlier)
+            return replace(plan, ranks=tuple(sorted(ranks | set(plan.ranks))))
+    return plan
+
+
+def content_keys(source: SourceCheckpoint, plan: PreshardedPlan, chunk_bytes: int, device: str = "cpu",
+                 on_bytes: Callable[[int], None] = lambda n: None) -> list[list[str]]:
+    """SGLang's content hash of every tensor of every rank (the stored keys), by one pass of the stream.
+
+    A non-expert tensor with the same recipe on several ranks (a replicated norm, a KV head shared
+    by two ranks) is made and hashed once.
+    """
+    first: dict[tuple, tuple[int, str]] = {}
+    wanted: list[list] = [[] for _ in plan.states]
+    for r, state in enumerate(plan.states):
+        for t in state:
+            alias = None if isinstance(t.recipe, sglang_state.ExpertTensor) else (t.recipe, t.dtype, t.shape)
+            if alias is None or alias not in first:
+                wanted[r].append(t)
+                if alias is not None:
+                    first[alias] = (r, t.name)
+    sinks = [HashSink(ts, on_bytes) for ts in wanted]
+    streams = [RankStream(g, state, sink) for g, state, sink in zip(plan.geometry, plan.states, sinks)]
+    run_stream(source, get_profile("sglang"), streams, chunk_bytes, device)
+    keys = []
+    for r, state in enumerate(plan.states):
+        row = []
+        for t in state:
+            key = sinks[r].keys.get(t.name)
+            if key is None:
+                owner, name = first[(t.recipe, t.dtype, t.shape)]
+                key = sinks[owner].keys[name]
+            row.append(key)
+        keys.append(row)
+    return keys
+
+
+def _cached_keys(work: WorkDir, plan: PreshardedPlan) -> list[list[str]] | None:
+    path = work.root / KEYS_FILE
+    if not path.is_file():
+        return None
+    try:
+        keys = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if (not isinstance(keys, list) or len(keys) != len(plan.states)
+            or any(not isinstance(k, list) or len(k) != len(s) for k, s in zip(keys, plan.states))
+            or any(not isinstance(x, str) or len(x) != presharded.CONTENT_HASH_HEX for k in keys for x in k)):
+        return None
+    return keys
+
+
+def _write_presharded(source: SourceCheckpoint, plan: PreshardedPlan, work: WorkDir, options: ConvertOptions,
+                      previous: Manifest | None) -> tuple[_Written, PreshardedLayout]:
+    keys = _cached_keys(work, plan)
+    if keys is None:
+        with byte_bar(plan.state_bytes, f"hash {plan.parallel.label} (content keys)", options.quiet) as bar:
+            keys = content_keys(source, plan, options.chunk_bytes, options.device, bar.update)
+        atomic_write_bytes(work.root / KEYS_FILE, json.dumps(keys).encode())
+    lay = lay_out_presharded(plan, keys)
+    written = _Written()
+    with byte_bar(lay.total_bytes, f"convert presharded {plan.parallel.label} {plan.target.gpu_arch}", options.quiet) as bar:
+        progress = _Progress(work, previous, written, bar)
+        todo: dict[int, list[PlannedFile]] = {}
+        for f in lay.needed:
+            if not progress.done(f):
+                todo.setdefault(f.rank, []).append(f)  # type: ignore[arg-type]
+        sinks = {r: FileSink(work, files, progress.count, verify_keys=True) for r, files in todo.items()}
+        streams = [RankStream(plan.geometry[r], plan.states[r], sink) for r, sink in sinks.items()]
+        run_stream(source, get_profile("sglang"), streams, options.chunk_bytes, options.device)
+        for sink in sinks.values():
+            for rec in sink.records:
+                written.records[rec.path] = rec
+            written.data_files_written += len(sink.records)
+    checksum = f"{plan.folder}/{presharded.CHECKSUM_NAME}"
+    ready = f"{plan.folder}/{presharded.READY_NAME}"
+    written.records[checksum] = _small_file(work, checksum, _json_bytes(lay.checksum))
+    written.records[ready] = _small_file(work, ready, _json_bytes(presharded.ready_json(plan.parallel.tp, f"mm-convert {__version__}")))
+    written.last = (ready,)
+    return written, lay

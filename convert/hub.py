@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from convert import model, output_format
+from convert import model, output_format, presharded
 from convert.errors import ConvertError
 from convert.fsutil import atomic_write_bytes, sha256_file
 from convert.manifest import Manifest
@@ -95,11 +95,25 @@ def _hub_error(action: str, exc: Exception) -> ConvertError:
 # -- download -----------------------------------------------------------------------------------
 
 
+def _is_presharded_file(path: str) -> bool:
+    parts = path.split("/")
+    return (len(parts) == 3 and parts[0].startswith(output_format.PRESHARDED_ROOT_PREFIX)
+            and (parts[2].endswith(presharded.FILE_SUFFIX) or parts[2] in (presharded.CHECKSUM_NAME, presharded.READY_NAME)))
+
+
+def _is_final(path: str) -> bool:
+    """Published in the last commit: a repo without them never looks complete (or loads: READY)."""
+    name = path.rsplit("/", 1)[-1]
+    return path in FINAL_FILES or (_is_presharded_file(path) and name in (presharded.READY_NAME, presharded.CHECKSUM_NAME))
+
+
 def wanted(path: str) -> bool:
     """Files a conversion needs: weights, index, config, tokenizer, templates, remote code, licence, card."""
     name = Path(path).name
     if path.startswith(output_format.EXPERTS_DIR + "/") and name.endswith(".safetensors"):
         return True  # a converted checkpoint's per-rank experts
+    if _is_presharded_file(path):
+        return True  # a converted checkpoint's presharded folders
     if "/" in path:
         return False  # docs/, figures/ and other folders are not part of a checkpoint
     if name.endswith(".safetensors") or name in (INDEX_NAME, "config.json", "README.md", output_format.MANIFEST_NAME):
@@ -187,7 +201,7 @@ def download(repo_id: str, folder: str | Path, revision: str | None = None, quie
     sha, files = remote_files(repo_id, revision)
     needed = [f for f in files if wanted(f.path)]
     pickles = [f.path for f in files if f.path.endswith(PICKLE_SUFFIXES)]
-    if not any(f.path.endswith(".safetensors") for f in needed):
+    if not any(f.path.endswith((".safetensors", presharded.FILE_SUFFIX)) for f in needed):
         hint = f" (it has pickle files such as {pickles[0]}, which are never loaded)" if pickles else ""
         raise ConvertError(f"{repo_id}@{sha}: no safetensors weights{hint}")
     folder.mkdir(parents=True, exist_ok=True)
@@ -384,8 +398,8 @@ def publish(out: str | Path, repo_id: str, private: bool = True, revision: str =
             unchanged.append(rel)
         else:
             todo.append((rel, size))
-    bulk = [t for t in todo if t[0] not in FINAL_FILES]
-    final = [t for t in todo if t[0] in FINAL_FILES]
+    bulk = [t for t in todo if not _is_final(t[0])]
+    final = [t for t in todo if _is_final(t[0])]
 
     commits: list[str] = []
     uploaded_bytes = 0
@@ -394,7 +408,7 @@ def publish(out: str | Path, repo_id: str, private: bool = True, revision: str =
         for i, group in enumerate(groups, 1):
             ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(_inside(out, rel))) for rel, _ in group]
             is_final = group is final
-            message = ("mm-convert: model card, config and manifest (publish complete)" if is_final else
+            message = ("mm-convert: model card, config, manifest and presharded READY (publish complete)" if is_final else
                        f"mm-convert: upload part {i} of {len(groups) - (1 if final else 0)} ({len(group)} files)")
             try:
                 with _hub_bars(quiet):

@@ -86,6 +86,31 @@ def _inspect_source(path: Path) -> Summary:
         return s
 
 
+def _presharded_lines(s: Summary, path: Path, entry, block: ConfigBlock) -> None:
+    from convert import presharded
+    from convert.sglang_state import GPU_ARCH_NAMES
+
+    folder = path / entry.dir
+    files = sorted(folder.glob(f"*{presharded.FILE_SUFFIX}"))
+    ranks = "all ranks" if entry.ranks is None else f"ranks {','.join(map(str, entry.ranks))} of {entry.tp}"
+    s.add(f"shape {entry.parallel.label}", f"presharded for SGLang {entry.sglang_version} on "
+          f"{GPU_ARCH_NAMES.get(entry.gpu_arch or '', entry.gpu_arch)}: {ranks}, moe_tp {entry.moe_tp}, "
+          f"I_p {entry.padded_intermediate_size}, {entry.experts_per_rank} experts/rank")
+    s.add("  folder", f"{entry.dir} ({len(files)} tensor files, {_human(sum(f.stat().st_size for f in files))}, "
+          f"READY {'present' if (folder / presharded.READY_NAME).is_file() else 'MISSING'})")
+    try:
+        plan = json.loads((folder / presharded.CHECKSUM_NAME).read_text())
+        reads = plan["rank_to_reads"].get(str(entry.present_ranks[0]), [])
+        stored = {t["stored_key"] for f in plan["files"] for t in f["tensors"]}
+        held = sum(len(v) for v in plan["rank_to_reads"].values())
+        s.add("  tensors", f"rank {entry.present_ranks[0]} holds {len(reads)} parameters; {len(stored)} stored "
+              f"for {held} held across all ranks (deduplicated)")
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        s.add("  checksum.json", f"unreadable ({type(exc).__name__})")
+    s.add("  serve with", presharded.launch_command(str(path.resolve()), entry.tp, entry.ep, entry.dir.split("/")[0],
+                                                    block.moe_runner_backend))
+
+
 def _inspect_converted(path: Path, config: dict) -> Summary:
     block = ConfigBlock.from_dict(config[output_format.CONFIG_BLOCK_KEY], str(path / output_format.CONFIG_NAME))
     shape = model.read_model_shape(config, str(path / output_format.CONFIG_NAME))
@@ -95,7 +120,7 @@ def _inspect_converted(path: Path, config: dict) -> Summary:
     s.add("profile", f"{block.profile} (use_shuffled_weight={block.use_shuffled_weight}, weight_layout={block.weight_layout})")
     s.add("kernel", f"{block.kernel} (SGLang --moe-runner-backend {block.moe_runner_backend})")
     s.add("source experts were", block.source_kind.upper())
-    s.add("format version", block.format_version)
+    s.add("output format", f"{block.format} (format version {block.format_version})")
 
     index_path = path / output_format.INDEX_NAME
     if index_path.exists():
@@ -103,6 +128,9 @@ def _inspect_converted(path: Path, config: dict) -> Summary:
         s.add("non-expert tensors", f"{len(weight_map)} in {len(set(weight_map.values()))} shard(s)")
 
     for entry in block.shapes:
+        if entry.format == "presharded":
+            _presharded_lines(s, path, entry, block)
+            continue
         files = sorted((path / entry.dir).glob("rank-*-part-*.safetensors"))
         expected = entry.tp * entry.parts_per_rank
         s.add(f"shape {entry.parallel.label}", f"moe_tp {entry.moe_tp}, ep {entry.ep}, I_p {entry.padded_intermediate_size}, "

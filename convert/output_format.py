@@ -24,6 +24,14 @@ DEFAULT_PART_SIZE = 5 * 10**9  # bytes per file, like the Hub's usual 5 GB shard
 MOE_RUNNER_BACKEND = "flashinfer_trtllm_routed"
 KERNEL_NAME = "flashinfer.fused_moe.trtllm_fp8_block_scale_routed_moe"
 
+# Output formats. `presharded`: SGLang's own --load-format presharded folder, every rank's whole
+# post-processed state (the default for the sglang profile). `experts`: the experts alone, one
+# folder per parallel shape, beside standard shards of everything else (FlashInfer users, and the
+# trtllm profile, which SGLang does not hold).
+OutputFormat = Literal["presharded", "experts"]
+OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("presharded", "experts")
+PRESHARDED_ROOT_PREFIX = "presharded-"
+
 ExpertTensorKind = Literal["w13_weight", "w13_weight_scale_inv", "w2_weight", "w2_weight_scale_inv"]
 EXPERT_TENSOR_KINDS: tuple[ExpertTensorKind, ...] = (
     "w13_weight",
@@ -52,6 +60,17 @@ def rank_part_file_name(shape: ParallelShape, rank: int, part: int) -> str:
     return f"{shape_dir(shape)}/rank-{rank}-part-{part}.safetensors"
 
 
+def presharded_root(moe_runner_backend: str, gpu_arch: str) -> str:
+    """The folder to pass as SGLang's `presharded_path`, named for the backend and GPU it was
+    written for: not SGLang's default `<model_path>/presharded`, so a launch with another backend
+    (which the folder key cannot tell apart) never finds it by default."""
+    return f"{PRESHARDED_ROOT_PREFIX}{moe_runner_backend}-{gpu_arch}"
+
+
+def default_format(profile: str) -> OutputFormat:
+    return "presharded" if profile == "sglang" else "experts"
+
+
 def expert_tensor_name(layer: int, kind: ExpertTensorKind) -> str:
     return f"model.layers.{layer}.block_sparse_moe.experts.{kind}"
 
@@ -73,12 +92,37 @@ class ShapeEntry:
     moe_tp: int
     padded_intermediate_size: int
     experts_per_rank: int
-    parts_per_rank: int
-    dir: str
+    parts_per_rank: int  # experts format: part files per rank
+    dir: str  # relative to the output folder; identifies the shape
+    format: str = "experts"
+    gpu_arch: str | None = None  # presharded: the GPU whose post-processed state was written
+    sglang_version: str | None = None  # presharded: the SGLang release whose state it is
+    ranks: tuple[int, ...] | None = None  # presharded: the ranks whose files are here (None: all)
+    data_files: int = 0  # presharded: tensor files in the folder
+
+    def __post_init__(self) -> None:
+        if self.ranks is not None:
+            object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
 
     @property
     def parallel(self) -> ParallelShape:
         return ParallelShape(self.tp, self.ep)
+
+    @property
+    def key(self) -> str:
+        """How reports and the manifest's validation record name this shape."""
+        return self.dir if self.format == "presharded" else self.parallel.dirname
+
+    @property
+    def present_ranks(self) -> tuple[int, ...]:
+        return self.ranks if self.ranks is not None else tuple(range(self.tp))
+
+    @property
+    def label(self) -> str:
+        label = self.parallel.label
+        if self.format == "presharded":
+            label += f" ({self.gpu_arch}" + ("" if self.ranks is None else f", ranks {','.join(map(str, self.ranks))}") + ")"
+        return label
 
 
 @dataclass(frozen=True)
@@ -98,6 +142,7 @@ class ConfigBlock:
     kernel: str = KERNEL_NAME
     moe_runner_backend: str = MOE_RUNNER_BACKEND
     tool_version: str = ""
+    format: str = "experts"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,6 +150,7 @@ class ConfigBlock:
         return {
             "format_version": self.format_version,
             "tool_version": self.tool_version,
+            "format": self.format,
             "profile": self.profile,
             "tp": first.tp,
             "ep": first.ep,
@@ -134,11 +180,14 @@ class ConfigBlock:
                 kernel=str(d.get("kernel", KERNEL_NAME)),
                 moe_runner_backend=str(d.get("moe_runner_backend", MOE_RUNNER_BACKEND)),
                 tool_version=str(d.get("tool_version", "")),
+                format=str(d.get("format", "experts")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConvertError(f"{where}: malformed {CONFIG_BLOCK_KEY!r} block ({type(exc).__name__}: {exc})") from exc
         if not shapes:
             raise ConvertError(f"{where}: {CONFIG_BLOCK_KEY!r} block lists no shapes")
+        if block.format not in OUTPUT_FORMATS:
+            raise ConvertError(f"{where}: unknown output format {block.format!r} in the {CONFIG_BLOCK_KEY!r} block")
         if block.format_version > FORMAT_VERSION:
             raise ConvertError(
                 f"{where}: format version {block.format_version} is newer than this tool understands ({FORMAT_VERSION})"
@@ -148,5 +197,11 @@ class ConfigBlock:
     def shape(self, parallel: ParallelShape) -> ShapeEntry | None:
         for s in self.shapes:
             if (s.tp, s.ep) == (parallel.tp, parallel.ep):
+                return s
+        return None
+
+    def shape_at(self, directory: str) -> ShapeEntry | None:
+        for s in self.shapes:
+            if s.dir == directory:
                 return s
         return None

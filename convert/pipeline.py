@@ -30,6 +30,7 @@ class StepResult:
 class RunResult:
     recipe: str
     steps: list[StepResult] = field(default_factory=list)
+    launch_command: str | None = None  # how SGLang serves what was converted (presharded)
 
     @property
     def ok(self) -> bool:
@@ -38,6 +39,8 @@ class RunResult:
     def render(self) -> str:
         lines = [f"mm-convert run {self.recipe}", f"{'step':<10}{'status':<9}{'seconds':>8}  detail"]
         lines += [f"{s.step:<10}{s.status:<9}{s.seconds:>8.1f}  {s.detail}" for s in self.steps]
+        if self.launch_command:
+            lines += ["serve it with:", f"  {self.launch_command}"]
         return "\n".join(lines)
 
 
@@ -93,16 +96,17 @@ def run_recipe(recipe: Recipe, quiet: bool = False) -> RunResult:
     record = DownloadRecord.load(source)
 
     def convert_step():
-        r = convert(source, out, ConvertOptions(
-            profile=spec.profile, tp=spec.tp, ep=spec.ep, part_size=spec.part_size, device=spec.device, quiet=quiet,
-            source_repo=record.repo_id if record else None, source_revision=record.revision if record else None,
+        r = convert(source, out, ConvertOptions.from_spec(
+            spec, quiet=quiet, source_repo=record.repo_id if record else None,
+            source_revision=record.revision if record else None,
             source_sha256=record.sha256s() if record else {}, recipe_name=recipe.name))
         status = "done" if r.data_files_written else "skipped"
-        detail = (f"{r.plan.profile.name} {r.plan.parallel.label} into {out}: {r.bytes_written / 1e6:.1f} MB written, "
+        detail = (f"{r.label} into {out}: {r.bytes_written / 1e6:.1f} MB written, "
                   f"{r.files_reused} files verified and kept")
         return status, detail, r
 
     converted = _step(result, "convert", convert_step)
+    result.launch_command = converted.launch_command
 
     def validate_step():
         from validators.run import record_summary, validate
@@ -110,7 +114,7 @@ def run_recipe(recipe: Recipe, quiet: bool = False) -> RunResult:
         v = recipe.validate
         if not v.enabled:
             return "skipped", f"[validate] enabled = false in {recipe.path}", None
-        label = converted.plan.parallel.dirname
+        label = converted.shape.key
         settings = {"kernel_requested": v.kernel, "tokens": v.tokens, "seed": v.seed}
         previous = Manifest.load(out).validation.get(label)
         if not converted.data_files_written and previous and previous.get("passed") and previous.get("settings") == settings:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from convert import output_format
+from convert import output_format, presharded
 from convert.errors import ConvertError
 from convert.model import ModelShape
 from convert.output_format import EXPERT_DTYPES, ExpertTensorKind
 from convert.parallel import ParallelShape, RankGeometry
 from convert.profiles import Profile, RankTensorShapes
 from convert.safetensors_file import DTYPES, HeaderEntry, encode_header
+from convert.sglang_state import PreshardedTarget, RankTensor
 from convert.source import SourceCheckpoint
 
 
@@ -31,6 +32,7 @@ class PlannedTensor:
     source: str | None = None  # pass-through tensors: the source tensor copied unchanged
     layer: int | None = None  # expert tensors: layer and kind
     kind: ExpertTensorKind | None = None
+    ref: str | None = None  # the rank-stream tensor whose bytes fill it (default: `name`)
 
     @property
     def nbytes(self) -> int:
@@ -168,9 +170,8 @@ def build_plan(source: SourceCheckpoint, profile: Profile, parallel: ParallelSha
             offset = 0
             for layer in group.layers:
                 for kind, kshape in kinds_and_shapes:
-                    t = PlannedTensor(
-                        output_format.expert_tensor_name(layer, kind), EXPERT_DTYPES[kind], kshape, offset, layer=layer, kind=kind
-                    )
+                    name = output_format.expert_tensor_name(layer, kind)
+                    t = PlannedTensor(name, EXPERT_DTYPES[kind], kshape, offset, layer=layer, kind=kind, ref=name)
                     tensors.append(t)
                     offset += t.nbytes
             metadata = {
@@ -208,3 +209,115 @@ def build_plan(source: SourceCheckpoint, profile: Profile, parallel: ParallelSha
         expert_files=tuple(expert_files),
         auxiliary_files=tuple(source.auxiliary_files()),
     )
+
+
+# -- presharded: SGLang's own per-rank state ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreshardedPlan:
+    """The structure of a presharded conversion, before content keys are known.
+
+    `states` holds every rank of the launch (the folder key and checksum.json cover them all, even
+    when only `ranks` are written); each state is in stream order.
+    """
+
+    target: PreshardedTarget
+    model: ModelShape
+    source_kind: str
+    states: tuple[tuple[RankTensor, ...], ...]
+    geometry: tuple[RankGeometry, ...]
+    shard_config: dict
+    folder: str  # relative to OUT: <root named for backend and GPU>/TP-{tp}-sig-{h16}
+    ranks: tuple[int, ...]  # the ranks whose files this conversion writes
+    auxiliary_files: tuple[str, ...]
+    max_file_bytes: int
+
+    @property
+    def parallel(self) -> ParallelShape:
+        return self.target.parallel
+
+    @property
+    def root(self) -> str:
+        return self.folder.split("/")[0]
+
+    @property
+    def padded_intermediate_size(self) -> int:
+        return self.geometry[0].padded_intermediate_size
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of every tensor every rank holds (before deduplication)."""
+        return sum(t.nbytes for state in self.states for t in state)
+
+
+def parse_ranks(text: str | None, tp: int) -> tuple[int, ...]:
+    """`--ranks 0,1` (or `0-3`) -> the ranks to write; None: all of them."""
+    if text is None or not str(text).strip():
+        return tuple(range(tp))
+    ranks: set[int] = set()
+    try:
+        for part in str(text).split(","):
+            lo, _, hi = part.strip().partition("-")
+            ranks.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ConvertError(f"--ranks {text!r}: give rank numbers separated by commas, e.g. 0,1 or 0-3") from None
+    bad = sorted(r for r in ranks if not 0 <= r < tp)
+    if bad or not ranks:
+        raise ConvertError(f"--ranks {text!r}: ranks must lie in 0..{tp - 1} for tp={tp}")
+    return tuple(sorted(ranks))
+
+
+def build_presharded_plan(source: SourceCheckpoint, target: PreshardedTarget, ranks: tuple[int, ...] | None = None,
+                          max_file_bytes: int = presharded.MAX_FILE_BYTES) -> PreshardedPlan:
+    """Every rank's tensors and the folder key; refuses a launch SGLang would refuse, up front."""
+    target.check()
+    parallel = target.parallel
+    parallel.validate(source.shape)
+    launch = presharded.launch_state(source, target)
+    return PreshardedPlan(
+        target=target,
+        model=source.shape,
+        source_kind=source.kind,
+        states=launch.states,
+        geometry=tuple(parallel.ranks(source.shape)),
+        shard_config=launch.shard_config,
+        folder=launch.folder,
+        ranks=tuple(range(parallel.tp)) if ranks is None else ranks,
+        auxiliary_files=tuple(source.auxiliary_files()),
+        max_file_bytes=max_file_bytes,
+    )
+
+
+@dataclass(frozen=True)
+class PreshardedLayout:
+    """The files of a presharded folder once every tensor's content key is known."""
+
+    plan: PreshardedPlan
+    layout: tuple[presharded.LayoutFile, ...]
+    files: tuple[PlannedFile, ...]  # one per layout file, same order; `rank` = the rank that writes it
+    checksum: dict
+
+    @property
+    def needed(self) -> tuple[PlannedFile, ...]:
+        """The data files the plan's ranks read (all of them for a full conversion)."""
+        wanted = set(self.plan.ranks)
+        return tuple(f for f, lf in zip(self.files, self.layout) if wanted & set(lf.ranks))
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.needed)
+
+
+def lay_out_presharded(plan: PreshardedPlan, keys: list[list[str]]) -> PreshardedLayout:
+    """Deduplicated, rank-grouped files with final headers (SGLang's safetensors, no metadata)."""
+    files = presharded.layout(plan.states, keys, plan.max_file_bytes)
+    planned = []
+    for lf in files:
+        tensors, offset = [], 0
+        for t in lf.tensors:
+            tensors.append(PlannedTensor(t.key, t.dtype, t.shape, offset, ref=t.producer[1]))
+            offset += t.nbytes
+        planned.append(PlannedFile(f"{plan.folder}/{lf.name}", tuple(tensors), {}, rank=lf.writer_rank))
+    checksum = presharded.checksum_json(files, plan.parallel.tp, plan.shard_config)
+    return PreshardedLayout(plan, files, tuple(planned), checksum)

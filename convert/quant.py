@@ -103,3 +103,57 @@ def quantize_fp8_per_token_group(x: torch.Tensor, group: int = QUANT_BLOCK) -> t
     scale = _scale_of(amax)
     q = torch.clamp(groups / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q.reshape(t, h), scale.squeeze(-1)
+
+
+# -- SM100: SGLang's DeepGEMM re-quantisation of FP8 linear layers ------------------------------
+#
+# On Blackwell with default settings SGLang 0.5.23 runs block-FP8 linear layers on DeepGEMM, and
+# its post-processing (fp8.py L835-848 -> fp8_utils.requant_weight_ue8m0, L2184-2417) replaces each
+# layer's weight and scales: dequantise to bf16, re-quantise every 128x128 block with the smallest
+# power of two >= amax/448 as its scale (amax floored at 1e-4), and store the scales as UE8M0 bytes
+# (the fp32 exponent field), one row per weight row, four K blocks packed little-endian per int32.
+# SGLang holds that int32 tensor column-major; its contiguous (row-major) values are what it dumps.
+UE8M0_AMAX_FLOOR = 1e-4
+UE8M0_PER_INT32 = 4
+
+
+def packed_ue8m0_scale_shape(weight_shape: tuple[int, int]) -> tuple[int, int]:
+    """Shape of the packed int32 scales of an `[N, K]` weight: `[N, ceil(ceil(K/128) / 4)]`."""
+    n, k = weight_shape
+    return (n, -(-(-(-k // QUANT_BLOCK)) // UE8M0_PER_INT32))
+
+
+def _ue8m0_exponent(x: torch.Tensor) -> torch.Tensor:
+    """Biased fp32 exponent of the smallest power of two >= |x| (int32, clamped to [1, 254])."""
+    bits = x.abs().to(torch.float32).view(torch.int32)
+    exponent = (bits >> 23) & 0xFF
+    return (exponent + ((bits & 0x7FFFFF) != 0).to(torch.int32)).clamp(1, 254)
+
+
+def requant_ue8m0(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An FP8 `[N, K]` weight with fp32 block scales -> (re-quantised FP8 weight, packed int32 scales)."""
+    n, k = weight.shape
+    values = dequantize_fp8_block(weight.view(torch.float8_e4m3fn), scale).to(torch.bfloat16)
+    blocks, _, _ = _blocked(values)  # [N/128, 128, K/128, 128] bf16, zero-padded
+    amax = blocks.abs().to(torch.float32).amax(dim=(1, 3)).clamp(min=UE8M0_AMAX_FLOOR)
+    exponent = _ue8m0_exponent(amax / FP8_MAX)  # [N/128, K/128]
+    power = (exponent << 23).view(torch.float32)
+    # bf16 x fp32 widens to fp32; a power of two's reciprocal is exact, so this is exact before the cast.
+    q = (blocks * (1.0 / power)[:, None, :, None]).to(torch.float8_e4m3fn)
+    q = q.reshape(blocks.shape[0] * QUANT_BLOCK, blocks.shape[2] * QUANT_BLOCK)[:n, :k].contiguous()
+    per_row = exponent.repeat_interleave(QUANT_BLOCK, dim=0)[:n].to(torch.int64)  # [N, K/128]
+    groups = packed_ue8m0_scale_shape((n, k))[1]
+    padded = torch.zeros((n, groups * UE8M0_PER_INT32), dtype=torch.int64)
+    padded[:, : per_row.shape[1]] = per_row
+    quads = padded.view(n, groups, UE8M0_PER_INT32)
+    packed = quads[..., 0] | (quads[..., 1] << 8) | (quads[..., 2] << 16) | (quads[..., 3] << 24)
+    return q, (packed - ((packed >> 31) << 32)).to(torch.int32)  # two's complement into int32
+
+
+def unpack_ue8m0_scale(packed: torch.Tensor, weight_shape: tuple[int, int]) -> torch.Tensor:
+    """fp32 block scales `[ceil(N/128), ceil(K/128)]` from packed UE8M0 int32 scales (one row per block)."""
+    n, k = weight_shape
+    kb = -(-k // QUANT_BLOCK)
+    as_bytes = packed.contiguous().view(torch.uint8).view(n, -1)[:, :kb].to(torch.int32)  # little-endian bytes
+    per_block = as_bytes[::QUANT_BLOCK]
+    return (per_block << 23).view(torch.float32)

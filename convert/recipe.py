@@ -3,7 +3,8 @@
 ```toml
 name = "minimax-m2.5-tp4"
 [source]    repo_id, revision (a pinned commit) | path (a local folder) | tiny = {dtype, seed}
-[convert]   profile, tp, ep, part_size ("5GB" or bytes), device, output
+[convert]   format (presharded | experts), profile, tp, ep, gpu_arch (presharded: sm100 | sm90),
+            ranks (presharded: a list, default all), part_size (experts: "5GB" or bytes), device, output
 [validate]  enabled, kernel, layers ("auto" or a list), tokens, seed
 [publish]   enabled, repo_id, private, revision (a branch)
 ```
@@ -21,6 +22,7 @@ from typing import Any
 
 from convert.errors import ConvertError
 from convert.output_format import DEFAULT_PART_SIZE
+from convert.sglang_state import DEFAULT_GPU_ARCH
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -62,6 +64,9 @@ class ConvertSpec:
     part_size: int = DEFAULT_PART_SIZE
     device: str = "cpu"
     output: str | None = None
+    format: str | None = None  # None: presharded for the sglang profile, experts for trtllm
+    gpu_arch: str = DEFAULT_GPU_ARCH
+    ranks: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,9 @@ def load_recipe(path: str | Path) -> Recipe:
         part_size=parse_size(conv.get("part_size", DEFAULT_PART_SIZE), f"{where} [convert] part_size"),
         device=_typed(conv, "device", str, where, "cpu"),
         output=_typed(conv, "output", str, where, None),
+        format=_typed(conv, "format", str, where, None),
+        gpu_arch=_typed(conv, "gpu_arch", str, where, DEFAULT_GPU_ARCH),
+        ranks=_ranks(conv, where),
     )
 
     val = data.get("validate", {})
@@ -195,6 +203,15 @@ def load_recipe(path: str | Path) -> Recipe:
         publish=publish,
         work_dir=_typed(data, "work_dir", str, where, None),
     )
+
+
+def _ranks(table: dict, where: str) -> tuple[int, ...] | None:
+    value = table.get("ranks")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        raise ConvertError(f"{where} [convert]: ranks must be a non-empty list of rank numbers, e.g. [0, 1]")
+    return tuple(sorted(set(value)))
 
 
 def override(spec: ConvertSpec, **flags: Any) -> ConvertSpec:

@@ -139,6 +139,20 @@ class SourceCheckpoint:
             pread_into(fd, view[:n], info.start + done, info.path, name)
             yield view[:n]
 
+    def read_rows(self, name: str, start: int, count: int) -> torch.Tensor:
+        """Items `[start, start + count)` along the first dimension (one contiguous read)."""
+        info = self.info(name)
+        if not info.shape or not 0 <= start <= start + count <= info.shape[0]:
+            raise ValueError(f"{name}: rows [{start}, {start + count}) outside {info.shape}")
+        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+        out = torch.empty((count, *info.shape[1:]), dtype=info.torch_dtype)
+        pread_into(self._fd(info.path), tensor_bytes(out), info.start + start * row_bytes, info.path, name)
+        return out
+
+    def dtype_of(self, name: str) -> str:
+        """The safetensors dtype name of a tensor (ConvertError naming the source if it is missing)."""
+        return self.info(name).dtype
+
     def read(self, name: str) -> torch.Tensor:
         """A tensor with its own dtype and shape, freshly read from disk."""
         info = self.info(name)

@@ -3,6 +3,7 @@
 The tiny model is small (a few MB) but shaped to hit the layout's edge cases:
 intermediate_size 384 gives TP2 ranks of 192 rows padded to 256, TP4 leaves rank 3 all zeros and
 TP8/TP16 leave most ranks zero; 12 experts divide by EP 1, 2, 3, 4, 6, 12 but not by 5, 8 or 16.
+SGLang can build and load it (tests/parity): head_dim 128 with block-FP8 attention.
 Weights are sharded so that some scales sit in a different shard than their weights.
 An FP8 checkpoint is the BF16 one with the same seed, block-quantised.
 """
@@ -33,9 +34,11 @@ class SyntheticSpec:
     num_layers: int = 3
     num_experts: int = 12
     top_k: int = 4
-    num_attention_heads: int = 4
+    # head_dim 128, as MiniMax-M2.5: SGLang's block-FP8 attention needs each rank's q/k/v rows in
+    # whole 128-row blocks. 8 query heads shard up to TP8; 2 KV heads are replicated beyond TP2.
+    num_attention_heads: int = 8
     num_key_value_heads: int = 2
-    head_dim: int = 64
+    head_dim: int = 128
     vocab_size: int = 512
     num_shards: int = 4
     # Real-size benchmark layers only: random FP8 bytes instead of quantising random BF16 (much faster).

@@ -1,16 +1,22 @@
-"""The expert transform loop: planned chunks of experts -> bytes in each rank's part file.
+"""The rank-tensor stream: every rank's tensors, in stream order, handed to one sink per rank.
 
-The loop itself is dumb: the plan fixes every tensor's offset, `part_chunks` lists the work in file
-order, and each rank's writer appends what it is given, checking that it lands inside the planned
-tensor. To keep the disk busy on a two-core machine the work runs as a pipeline of threads
-(torch ops, preadv, write and sha256 all release the GIL):
+Both output formats are this one stream with different sinks (convert/sinks.py): the `experts`
+format's part files, the `presharded` format's content-keyed files, and the hashing pass that
+computes presharded content keys before anything is written. A rank's stream is its list of
+`RankTensor`s (convert/sglang_state.py): expert tensors are packed by the layout profile from
+chunks of source experts shared by all ranks; other tensors are produced from their recipes
+(convert/rank_tensors.py). A sink says which tensors it wants; nothing else is read or made.
 
-    reader:     source bytes of the next chunk, into pooled buffers
+The loop is dumb, but runs as a pipeline of threads so the disk stays busy on two cores (torch
+ops, preadv, write, sha256 and xxh3 all release the GIL):
+
+    reader:     the next item's source bytes: a chunk of experts into pooled buffers, or a piece
+                of a non-expert tensor
     transform:  (this thread) value checks, BF16 quantisation, the profile's pack per owner rank
-    writer x R: one per rank file: write and hash its share of each chunk, then its scales
+    writer x R: one per rank: hands the rank's pieces to its sink, in order, then its scales
 
-Queues hold at most a chunk or two per stage, so peak memory is a few chunks, whatever the number
-of layers. For the `sglang` profile's gate/up weights the writers stream straight from the source
+Queues hold a chunk or two per stage, so peak memory is a few chunks whatever the number of
+layers. For the `sglang` profile's gate/up weights the writers stream straight from the source
 buffers (`sglang_gate_up_segments`): no packed copy is made at all.
 """
 
@@ -19,36 +25,66 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Protocol
 
 import torch
 
-from convert import model
-from convert.fsutil import FileRecord
+from convert import model, output_format
 from convert.parallel import RankGeometry
-from convert.plan import ConversionPlan, PlannedFile
-from convert.profiles import Down, GateUp, sglang_gate_up_scale, sglang_gate_up_segments
+from convert.profiles import Down, GateUp, Profile, sglang_down_scale, sglang_gate_up_scale, sglang_gate_up_segments
+from convert.rank_tensors import produce
 from convert.read_experts import DOWN, GATE_UP, Raw, read_raw, ready
-from convert.safetensors_file import tensor_bytes
+from convert.sglang_state import ExpertTensor, RankTensor
 from convert.source import SourceCheckpoint
-from convert.writer import StagedFile, WorkDir
 
 # Source bytes gathered per chunk of experts (FP8 as stored; BF16 counts its quantisation temporaries).
 DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
 
 
-def expert_chunks(plan: ConversionPlan, chunk_bytes: int) -> list[range]:
+class Sink(Protocol):
+    """Where one rank's stream goes. `write` gets contiguous CPU pieces of each wanted tensor, in
+    stream order; `close` is called once the stream ended without error."""
+
+    def wants(self, name: str) -> bool: ...
+
+    def write(self, name: str, data: torch.Tensor) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RankStream:
+    """One rank's tensors in stream order, and the sink that takes the ones it wants."""
+
+    geometry: RankGeometry
+    tensors: tuple[RankTensor, ...]
+    sink: Sink
+
+
+def expert_stream(model_shape: model.ModelShape, profile: Profile, g: RankGeometry) -> tuple[RankTensor, ...]:
+    """The expert tensors of a rank in a layout profile, layer by layer, in `EXPERT_TENSOR_KINDS` order."""
+    s = profile.shapes(model_shape.hidden_size, g)
+    shapes = {"w13_weight": s.w13, "w13_weight_scale_inv": s.w13_scale, "w2_weight": s.w2, "w2_weight_scale_inv": s.w2_scale}
+    return tuple(
+        RankTensor(output_format.expert_tensor_name(layer, kind), output_format.EXPERT_DTYPES[kind], tuple(shapes[kind]),
+                   ExpertTensor(layer, kind))
+        for layer in range(model_shape.num_layers) for kind in output_format.EXPERT_TENSOR_KINDS
+    )
+
+
+def expert_chunks(m: model.ModelShape, experts_per_rank: int, source_kind: str, chunk_bytes: int) -> list[range]:
     """Ranges of experts processed together; never crossing an EP rank's block of experts.
 
     Sized so a chunk's working set stays near `chunk_bytes`: FP8 bytes as stored, or for BF16
     sources the BF16 input plus the float32 quotients and the FP8 result (7 bytes per weight).
     """
-    m = plan.model
-    per_expert = 3 * m.hidden_size * m.intermediate_size * (1 if plan.source_kind == "fp8" else 7)
-    size = max(1, min(plan.ranks[0].num_local_experts, chunk_bytes // max(1, per_expert)))
+    per_expert = 3 * m.hidden_size * m.intermediate_size * (1 if source_kind == "fp8" else 7)
+    size = max(1, min(experts_per_rank, chunk_bytes // max(1, per_expert)))
     chunks = []
-    for block_start in range(0, m.num_experts, plan.ranks[0].num_local_experts):
-        block_end = block_start + plan.ranks[0].num_local_experts
+    for block_start in range(0, m.num_experts, experts_per_rank):
+        block_end = block_start + experts_per_rank
         chunks.extend(range(s, min(s + size, block_end)) for s in range(block_start, block_end, size))
     return chunks
 
@@ -77,9 +113,12 @@ class BufferPool:
                     self._free.setdefault((tuple(t.shape), t.dtype), []).append(t)
 
 
+# -- the work items ------------------------------------------------------------------------------
+
+
 @dataclass
 class Chunk:
-    """One unit of work: a projection group of a chunk of experts of one layer, for its owner ranks."""
+    """A projection group (gate/up or down) of a chunk of experts of one layer, for its owner ranks."""
 
     layer: int
     kind: str  # "w13_weight" or "w2_weight"
@@ -100,20 +139,13 @@ class Chunk:
             self.buffers = []
 
 
-def part_chunks(plan: ConversionPlan, part: int, ranks: list[int], chunk_bytes: int) -> list[Chunk]:
-    """The work of one part group in the planned file order: per layer, gate/up chunks then down chunks."""
-    geometry = [plan.ranks[r] for r in ranks]
-    chunks = []
-    for layer in plan.part_groups[part].layers:
-        for kind in ("w13_weight", "w2_weight"):
-            todo = [Chunk(layer, kind, experts, [g for g in geometry if experts.start in g.experts], [])
-                    for experts in expert_chunks(plan, chunk_bytes)]
-            todo = [c for c in todo if c.owners]
-            for g in geometry:
-                last = max(i for i, c in enumerate(todo) if g in c.owners)
-                todo[last].finishes.append(g.rank)
-            chunks += todo
-    return chunks
+@dataclass
+class Piece:
+    """A piece of one rank's non-expert tensor, ready to write."""
+
+    rank: int
+    name: str
+    data: torch.Tensor
 
 
 @dataclass
@@ -123,6 +155,43 @@ class RankShare:
     chunk: Chunk
     pieces: list[torch.Tensor]
     scale: torch.Tensor
+
+
+def _slots(streams: list[RankStream]) -> list[RankTensor]:
+    """The stream positions, which every rank shares (same names in the same order)."""
+    first = streams[0].tensors
+    for s in streams[1:]:
+        if [t.name for t in s.tensors] != [t.name for t in first]:
+            raise ValueError(f"rank {s.geometry.rank}'s stream does not list the same tensors as rank {streams[0].geometry.rank}'s")
+    return list(first)
+
+
+def _work(source: SourceCheckpoint, streams: list[RankStream], chunk_bytes: int):
+    """The items of the whole stream in order: chunks of experts and (rank, tensor) jobs."""
+    m = source.shape
+    by_rank = {s.geometry.rank: s for s in streams}
+    experts_per_rank = streams[0].geometry.num_local_experts
+    for i, slot in enumerate(_slots(streams)):
+        recipe = slot.recipe
+        if isinstance(recipe, ExpertTensor):
+            if recipe.kind not in ("w13_weight", "w2_weight"):
+                continue  # scales are written by each rank's writer after its last chunk of the weight
+            scale_name = output_format.expert_tensor_name(recipe.layer, recipe.kind + "_scale_inv")
+            wanting = [s.geometry for s in streams if s.sink.wants(slot.name) or s.sink.wants(scale_name)]
+            todo = [Chunk(recipe.layer, recipe.kind, experts, [g for g in wanting if experts.start in g.experts], [])
+                    for experts in expert_chunks(m, experts_per_rank, source.kind, chunk_bytes)]
+            todo = [c for c in todo if c.owners]
+            for g in wanting:
+                last = max(j for j, c in enumerate(todo) if g in c.owners)
+                todo[last].finishes.append(g.rank)
+            yield from todo
+        else:
+            for rank, s in by_rank.items():
+                if s.sink.wants(slot.name):
+                    yield (rank, s.tensors[i])
+
+
+# -- the pipeline --------------------------------------------------------------------------------
 
 
 class _Failure:
@@ -161,161 +230,172 @@ def _get(q: queue.Queue, failure: _Failure):
 
 
 class _RankWriter(threading.Thread):
-    """Appends one rank's shares to its staged file, in order, and writes its scales when due."""
+    """Hands one rank's pieces to its sink, in order, and its scales after its last chunk of a weight."""
 
-    def __init__(self, rank: int, writer: StagedFile, planned: PlannedFile, pool: BufferPool, failure: _Failure,
-                 on_bytes: Callable[[int], None]):
-        super().__init__(name=f"mm-convert-write-rank{rank}", daemon=True)
-        self.rank, self.writer, self.planned, self.pool, self.failure = rank, writer, planned, pool, failure
-        self.on_bytes = on_bytes
+    def __init__(self, stream: RankStream, pool: BufferPool, failure: _Failure):
+        super().__init__(name=f"mm-convert-write-rank{stream.geometry.rank}", daemon=True)
+        self.rank, self.sink, self.pool, self.failure = stream.geometry.rank, stream.sink, pool, failure
         self.inbox: queue.Queue = queue.Queue(maxsize=2)
-        self.next_tensor = 0
         self.scales: list[torch.Tensor] = []
 
     def run(self) -> None:
         try:
-            while (share := _get(self.inbox, self.failure)) is not None:
-                chunk = share.chunk
-                for piece in share.pieces:
-                    self._append(chunk.layer, chunk.kind, piece)
-                self.scales.append(share.scale)
-                share.pieces = []
+            while (item := _get(self.inbox, self.failure)) is not None:
+                if isinstance(item, Piece):
+                    self.sink.write(item.name, item.data)
+                    continue
+                chunk = item.chunk
+                name = output_format.expert_tensor_name(chunk.layer, chunk.kind)
+                for piece in item.pieces:
+                    self.sink.write(name, piece)
+                self.scales.append(item.scale)
+                item.pieces = []
                 chunk.written_by_one_owner(self.pool)
                 if self.rank in chunk.finishes:
-                    self._append(chunk.layer, chunk.kind + "_scale_inv", torch.cat(self.scales), whole=True)
+                    if self.sink.wants(name + "_scale_inv"):
+                        self.sink.write(name + "_scale_inv", torch.cat(self.scales).contiguous())
                     self.scales = []
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             self.failure.set(exc)
 
-    def _append(self, layer: int, kind: str, data: torch.Tensor, whole: bool = False) -> None:
-        """Write `data` at the end of the file, checking it lands inside the planned tensor it belongs to."""
-        tensor = self.planned.tensors[self.next_tensor]
-        start = len(self.planned.header) + tensor.offset
-        end = start + tensor.nbytes
-        written = self.writer.written
-        if (tensor.layer, tensor.kind) != (layer, kind) or not start <= written < end:
-            raise RuntimeError(f"{self.planned.path}: wrote {kind} of layer {layer} where the plan has {tensor.name}")
-        view = tensor_bytes(data.contiguous())
-        self.writer.write(view)
-        self.on_bytes(len(view))
-        if self.writer.written > end or (whole and self.writer.written != end):
-            raise RuntimeError(f"{self.planned.path}: {tensor.name} overran its planned bytes")
-        if self.writer.written == end:
-            self.next_tensor += 1
 
+class _Transform:
+    """The calling thread's work: checks, quantisation and the profile's pack of each owner's share."""
 
-def write_part_group(source: SourceCheckpoint, plan: ConversionPlan, part: int, ranks: list[int], work: WorkDir,
-                     chunk_bytes: int, device: str, on_bytes: Callable[[int], None]) -> list[FileRecord]:
-    """Every listed rank's part file of one part group, in the planned tensor order."""
-    files = {r: plan.expert_file(r, part) for r in ranks}
-    writers = {r: work.open(f.path, f.size) for r, f in files.items()}
-    pool = BufferPool(pinned=device != "cpu")
-    failure = _Failure()
-    profile = plan.profile
-    stream_gate_up = profile.name == "sglang" and device == "cpu"
-    scratch: torch.Tensor | None = None
-    zeros = torch.zeros(plan.padded_intermediate_size * plan.model.hidden_size, dtype=torch.uint8)
-    rank_writers = {r: _RankWriter(r, writers[r], files[r], pool, failure, on_bytes) for r in ranks}
+    def __init__(self, source: SourceCheckpoint, profile: Profile, streams: dict[int, RankStream],
+                 pool: BufferPool, device: str):
+        self.source, self.profile, self.streams, self.pool, self.device = source, profile, streams, pool, device
+        m = source.shape
+        self.stream_gate_up = profile.name == "sglang" and device == "cpu"
+        self.scratch: torch.Tensor | None = None
+        ip = next(iter(streams.values())).geometry.padded_intermediate_size
+        self.zeros = torch.zeros(ip * m.hidden_size, dtype=torch.uint8)
 
-    def read_all(chunks: list[Chunk], out: queue.Queue) -> None:
-        try:
-            for chunk in chunks:
-                projs = GATE_UP if chunk.kind == "w13_weight" else DOWN
-                wshape = (len(chunk.experts), *plan.model.expert_weight_shapes[projs[0]])
-                wdtype = torch.uint8 if plan.source_kind == "fp8" else source.info(
-                    model.expert_weight_name(chunk.layer, chunk.experts.start, projs[0])).torch_dtype
-                for proj in projs:
-                    weight = pool.take(wshape, wdtype)
-                    scale = pool.take((len(chunk.experts), *model.scale_shape(wshape[1:])), torch.float32) \
-                        if plan.source_kind == "fp8" else None
-                    chunk.raw.append(read_raw(source, chunk.layer, chunk.experts, proj, weight, scale))
-                    chunk.buffers += [t for t in (weight, scale) if t is not None]
-                if not _put(out, chunk, failure):
-                    return
-            _put(out, None, failure)
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            failure.set(exc)
-
-    def pooled(chunk: Chunk, g: RankGeometry) -> torch.Tensor:
+    def _pooled(self, chunk: Chunk, g: RankGeometry) -> torch.Tensor:
         """A reusable host buffer for one rank's packed weight."""
-        shapes = profile.shapes(plan.model.hidden_size, g)
+        shapes = self.profile.shapes(self.source.shape.hidden_size, g)
         shape = (len(chunk.experts), *(shapes.w13 if chunk.kind == "w13_weight" else shapes.w2)[1:])
-        buffer = pool.take(shape, torch.uint8)
+        buffer = self.pool.take(shape, torch.uint8)
         chunk.buffers.append(buffer)
         return buffer
 
-    def quantised_buffer(chunk: Chunk, raw: Raw) -> torch.Tensor | None:
+    def _quantised_buffer(self, chunk: Chunk, raw: Raw) -> torch.Tensor | None:
         """A reusable FP8 buffer for a BF16 projection's quantised weights (host transforms only)."""
-        if raw.scale is not None or device != "cpu":
+        if raw.scale is not None or self.device != "cpu":
             return None
-        buffer = pool.take(tuple(raw.weight.shape), torch.uint8)
+        buffer = self.pool.take(tuple(raw.weight.shape), torch.uint8)
         chunk.buffers.append(buffer)
         return buffer
 
-    def packed_on_host(chunk: Chunk, g: RankGeometry, pack, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _packed_on_host(self, chunk: Chunk, g: RankGeometry, pack, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Pack on the transform device; a GPU result is copied into a pinned pooled host buffer."""
-        host = pooled(chunk, g)
-        if device == "cpu":
+        host = self._pooled(chunk, g)
+        if self.device == "cpu":
             packed = pack(batch, g, out=host)
         else:
             packed = pack(batch, g)
             host.copy_(packed.weight.view(torch.uint8))
         return host, packed.scale.cpu()
 
-    def transform(chunk: Chunk) -> None:
-        nonlocal scratch
-        if scratch is None and plan.source_kind != "fp8":
-            scratch = torch.empty(chunk.raw[0].weight.numel(), dtype=torch.float32, device=device)
-        values = [ready(source, chunk.layer, chunk.experts, r, device, scratch, quantised_buffer(chunk, r))
-                  for r in chunk.raw]
+    def shares(self, chunk: Chunk) -> list[RankShare]:
+        if self.scratch is None and self.source.kind != "fp8":
+            self.scratch = torch.empty(chunk.raw[0].weight.numel(), dtype=torch.float32, device=self.device)
+        values = [ready(self.source, chunk.layer, chunk.experts, r, self.device, self.scratch,
+                        self._quantised_buffer(chunk, r)) for r in chunk.raw]
         chunk.raw = []
+        name = output_format.expert_tensor_name(chunk.layer, chunk.kind)
         shares = []
         for g in chunk.owners:
+            want_weight = self.streams[g.rank].sink.wants(name)
             if chunk.kind == "w13_weight":
                 (gate, gate_s), (up, up_s) = values
                 batch = GateUp(gate, up, gate_s, up_s)
-                if stream_gate_up:  # write straight from the source buffers: no packed copy
-                    share = RankShare(chunk, sglang_gate_up_segments(batch, g, zeros), sglang_gate_up_scale(batch, g))
+                if not want_weight:
+                    share = RankShare(chunk, [], sglang_gate_up_scale(batch, g).cpu())
+                elif self.stream_gate_up:  # write straight from the source buffers: no packed copy
+                    share = RankShare(chunk, sglang_gate_up_segments(batch, g, self.zeros), sglang_gate_up_scale(batch, g))
                 else:
-                    weight, scale = packed_on_host(chunk, g, profile.pack_gate_up, batch)
+                    weight, scale = self._packed_on_host(chunk, g, self.profile.pack_gate_up, batch)
                     share = RankShare(chunk, [weight], scale)
             else:
                 ((down, down_s),) = values
-                weight, scale = packed_on_host(chunk, g, profile.pack_down, Down(down, down_s))
-                share = RankShare(chunk, [weight], scale)
+                if not want_weight:  # every profile leaves the scales as the sglang profile lays them out
+                    share = RankShare(chunk, [], sglang_down_scale(Down(down, down_s), g).cpu())
+                else:
+                    weight, scale = self._packed_on_host(chunk, g, self.profile.pack_down, Down(down, down_s))
+                    share = RankShare(chunk, [weight], scale)
             shares.append(share)
-        chunk.pending = len(shares)
-        for share, g in zip(shares, chunk.owners):
-            if not _put(rank_writers[g.rank].inbox, share, failure):
-                return
+        return shares
+
+
+def run_stream(source: SourceCheckpoint, profile: Profile, streams: list[RankStream], chunk_bytes: int,
+               device: str = "cpu", piece_bytes: int | None = None) -> None:
+    """Every wanted tensor of every rank's stream into its sink; closes the sinks (aborts them on error)."""
+    if not streams:
+        return
+    pool = BufferPool(pinned=device != "cpu")
+    failure = _Failure()
+    by_rank = {s.geometry.rank: s for s in streams}
+    writers = {r: _RankWriter(s, pool, failure) for r, s in by_rank.items()}
+    transform = _Transform(source, profile, by_rank, pool, device)
+    piece_bytes = piece_bytes or min(chunk_bytes, 64 * 1024 * 1024)
+    m = source.shape
+
+    def read_all(out: queue.Queue) -> None:
+        try:
+            for item in _work(source, streams, chunk_bytes):
+                if isinstance(item, Chunk):
+                    projs = GATE_UP if item.kind == "w13_weight" else DOWN
+                    wshape = (len(item.experts), *m.expert_weight_shapes[projs[0]])
+                    wdtype = torch.uint8 if source.kind == "fp8" else source.info(
+                        model.expert_weight_name(item.layer, item.experts.start, projs[0])).torch_dtype
+                    for proj in projs:
+                        weight = pool.take(wshape, wdtype)
+                        scale = pool.take((len(item.experts), *model.scale_shape(wshape[1:])), torch.float32) \
+                            if source.kind == "fp8" else None
+                        item.raw.append(read_raw(source, item.layer, item.experts, proj, weight, scale))
+                        item.buffers += [t for t in (weight, scale) if t is not None]
+                    if not _put(out, item, failure):
+                        return
+                else:
+                    rank, tensor = item
+                    for data in produce(source, tensor, piece_bytes):
+                        if not _put(out, Piece(rank, tensor.name, data), failure):
+                            return
+            _put(out, None, failure)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            failure.set(exc)
 
     to_transform: queue.Queue = queue.Queue(maxsize=1)
-    chunks = part_chunks(plan, part, ranks, chunk_bytes)
-    reader = threading.Thread(target=read_all, args=(chunks, to_transform), name="mm-convert-read", daemon=True)
+    reader = threading.Thread(target=read_all, args=(to_transform,), name="mm-convert-read", daemon=True)
     try:
-        for r, f in files.items():
-            header = f.header
-            writers[r].write(header)
-            on_bytes(len(header))
-        for w in rank_writers.values():
+        for w in writers.values():
             w.start()
         reader.start()
-        while (chunk := _get(to_transform, failure)) is not None:
-            transform(chunk)
-        for w in rank_writers.values():
+        while (item := _get(to_transform, failure)) is not None:
+            if isinstance(item, Piece):
+                if not _put(writers[item.rank].inbox, item, failure):
+                    break
+                continue
+            shares = transform.shares(item)
+            item.pending = len(shares)
+            for share, g in zip(shares, item.owners):
+                if not _put(writers[g.rank].inbox, share, failure):
+                    break
+        for w in writers.values():
             _put(w.inbox, None, failure)
         reader.join()
-        for w in rank_writers.values():
+        for w in writers.values():
             w.join()
         if failure.error is not None:
             raise failure.error
-        return [writers[r].finish() for r in ranks]
+        for s in streams:
+            s.sink.close()
     except BaseException as exc:
         failure.set(exc)
         reader.join(timeout=10)
-        for w in rank_writers.values():
-            w.join(timeout=10)
         for w in writers.values():
-            w.abort()
+            w.join(timeout=10)
+        for s in streams:
+            s.sink.abort()
         raise
-
