@@ -103,7 +103,7 @@ def part_tiny(work: Path):
             for tp, ep in ((1, 1), (4, 1), (4, 4)):
                 out = work / f"tiny-{dtype}-{profile}-tp{tp}-ep{ep}"
                 if not out.exists():
-                    convert(src, out, ConvertOptions(profile=profile, tp=tp, ep=ep, quiet=True))
+                    convert(src, out, ConvertOptions(profile=profile, format="experts", tp=tp, ep=ep, quiet=True))
                 for kernel in ("triton", "reference"):
                     t0 = time.monotonic()
                     rep = validate(out, src, kernel=kernel, layers=[0, 1, 2], tokens=64, device="cuda")
@@ -268,7 +268,7 @@ def part_realsize(work: Path):
     for profile, tp, ep in (("sglang", 4, 1), ("trtllm", 4, 4)):
         out = work / f"real-{profile}-tp{tp}-ep{ep}"
         t0 = time.monotonic()
-        convert(src, out, ConvertOptions(profile=profile, tp=tp, ep=ep, quiet=True))
+        convert(src, out, ConvertOptions(profile=profile, format="experts", tp=tp, ep=ep, quiet=True))
         conv = time.monotonic() - t0
         for kernel in ("triton", "reference"):
             t0 = time.monotonic()

@@ -68,3 +68,57 @@ def shuffle_again(out: Path, shape: str, rank: int, layer: int) -> None:
         t[name] = twice.view(torch.float8_e4m3fn)
 
     rewrite_tensors(out / f"experts/{shape}/rank-{rank}-part-0.safetensors", change)
+
+
+# -- presharded folders ------------------------------------------------------------------------------
+
+
+def _presharded(out: Path) -> Path:
+    (root,) = [p for p in out.iterdir() if p.name.startswith("presharded-")]
+    (folder,) = list(root.iterdir())
+    return folder
+
+
+def presharded_tensor(out: Path, rank: int, name: str) -> torch.Tensor:
+    folder = _presharded(out)
+    plan = json.loads((folder / "checksum.json").read_text())
+    read = next(r for r in plan["rank_to_reads"][str(rank)] if r["name"] == name)
+    with safe_open(str(folder / read["filename"]), framework="pt") as f:
+        return f.get_tensor(read["stored_key"])
+
+
+def presharded_edit(out: Path, rank: int, name: str, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace what `rank` reads as `name`, keeping the folder self-consistent: the new content is
+    stored under its own content hash in a new file, checksum.json and the rank's checksum are
+    recomputed with SGLang's rules, and the manifest is forged. Only a check against the source
+    (or SGLang's post-processing) can tell."""
+    from convert import presharded
+
+    folder = _presharded(out)
+    plan = json.loads((folder / "checksum.json").read_text())
+    new = change(presharded_tensor(out, rank, name)).contiguous()
+    h = presharded.content_hasher(str(new.dtype), new.shape)
+    h.update(new.reshape(-1).view(torch.uint8).numpy().tobytes())
+    key, filename = h.hexdigest(), "model-99999-rank-edited.safetensor"
+    save_file({key: new}, str(folder / filename))
+    plan["files"].append({"filename": filename, "writer_rank": rank, "rank_list": [rank], "is_common": False,
+                          "tensors": [{"stored_key": key, "size": new.numel() * new.element_size(),
+                                       "rank_to_names": {str(rank): [name]}}]})
+    reads = plan["rank_to_reads"][str(rank)]
+    for r in reads:
+        if r["name"] == name:
+            r["filename"], r["stored_key"] = filename, key
+    plan["rank_checksums"][str(rank)] = presharded.rank_checksum((r["name"], r["stored_key"]) for r in reads)
+    (folder / "checksum.json").write_text(json.dumps(plan, indent=2))
+    manifest_path = out / "mm_convert.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"].append({"path": str((folder / filename).relative_to(out)), "size": 0, "sha256": ""})
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    forge_manifest(out)
+
+
+def swapped_halves(w: torch.Tensor, local_expert: int, padded: int) -> torch.Tensor:
+    w = w.view(torch.uint8).clone()
+    up, gate = w[local_expert, :padded].clone(), w[local_expert, padded:].clone()
+    w[local_expert, :padded], w[local_expert, padded:] = gate, up
+    return w.view(torch.float8_e4m3fn)

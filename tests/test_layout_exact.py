@@ -50,7 +50,7 @@ def _source_experts(folder: str, kind: str):
 @pytest.mark.parametrize("tp,ep", SHAPES)
 def test_expert_tensors_match_spec(sources, tmp_path, kind, profile, tp, ep):
     out = tmp_path / "out"
-    convert(sources[kind], out, ConvertOptions(profile=profile, tp=tp, ep=ep, quiet=True))
+    convert(sources[kind], out, ConvertOptions(profile=profile, format="experts", tp=tp, ep=ep, quiet=True))
     experts = _source_experts(str(sources[kind]), kind)
     ranks = ref.ranks_of(tp, ep, num_experts=12, intermediate=384)
     zero_ranks = 0

@@ -21,8 +21,9 @@ LAYER_BYTES = 64 * 3 * 1024 * 512  # FP8 expert bytes of one layer: 100 MB
 MEASURE = """
 import json, sys
 from convert.cli import main
-src, out, profile = sys.argv[1:4]
-sys.argv = ["mm-convert", "convert", src, out, "--profile", profile, "--tp", "4", "--quiet", "--chunk-size", "8MB"]
+src, out, profile, fmt = sys.argv[1:5]
+sys.argv = ["mm-convert", "convert", src, out, "--profile", profile, "--format", fmt, "--tp", "4", "--quiet",
+            "--chunk-size", "8MB"]
 try:
     main()
 except SystemExit as exc:
@@ -32,14 +33,14 @@ print(json.dumps({"peak_kib": int(hwm.split()[1])}))
 """
 
 
-def _peak_mib(source, out, profile) -> float:
-    proc = subprocess.run([sys.executable, "-c", MEASURE, str(source), str(out), profile],
+def _peak_mib(source, out, profile, fmt) -> float:
+    proc = subprocess.run([sys.executable, "-c", MEASURE, str(source), str(out), profile, fmt],
                           capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_kib"] / 1024
 
 
-@pytest.mark.parametrize("profile", ["sglang", "trtllm"])
-def test_peak_memory_does_not_grow_with_layers(tmp_path, profile):
+@pytest.mark.parametrize("profile,fmt", [("sglang", "presharded"), ("sglang", "experts"), ("trtllm", "experts")])
+def test_peak_memory_does_not_grow_with_layers(tmp_path, profile, fmt):
     peaks = {}
     # 8 MB chunks: about 13 chunks per projection group, so the pipeline (a few chunks in flight) is
     # full within the first layer. How many chunks are in flight at the worst moment depends on thread
@@ -51,7 +52,7 @@ def test_peak_memory_does_not_grow_with_layers(tmp_path, profile):
             make_synthetic(src, replace(MEDIUM, num_layers=layers), "fp8", seed=1)
             runs = []
             for _ in range(2):
-                runs.append(_peak_mib(src, out, profile))
+                runs.append(_peak_mib(src, out, profile, fmt))
                 shutil.rmtree(out)
             peaks[layers] = max(runs)
         finally:

@@ -80,7 +80,7 @@ def test_manifest_hashes_match_files(converted):
 
 def test_bf16_source_gets_fp8_quantization_config(tiny_bf16, tmp_path):
     out = tmp_path / "out"
-    convert(tiny_bf16, out, ConvertOptions(tp=2, quiet=True))
+    convert(tiny_bf16, out, ConvertOptions(tp=2, format="experts", quiet=True))
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["weight_block_size"] == [128, 128]
     assert "self_attn" in config["quantization_config"]["modules_to_not_convert"]
@@ -93,9 +93,9 @@ def test_bf16_source_gets_fp8_quantization_config(tiny_bf16, tmp_path):
 
 def test_second_shape_sits_beside_the_first(tiny_fp8, tmp_path):
     out = tmp_path / "out"
-    convert(tiny_fp8, out, ConvertOptions(tp=4, quiet=True))
+    convert(tiny_fp8, out, ConvertOptions(tp=4, format="experts", quiet=True))
     first = json.loads((out / "mm_convert.json").read_text())
-    result = convert(tiny_fp8, out, ConvertOptions(tp=2, ep=2, quiet=True))
+    result = convert(tiny_fp8, out, ConvertOptions(tp=2, ep=2, format="experts", quiet=True))
     assert result.files_reused >= 1  # the non-expert shard is verified and kept, not rewritten
     config = json.loads((out / "config.json").read_text())
     assert [(s["tp"], s["ep"]) for s in config["mm_convert"]["shapes"]] == [(4, 1), (2, 2)]

@@ -41,8 +41,14 @@ def final_outputs(out: Path) -> list[str]:
 MULTI_PART = replace(TINY, num_layers=4)
 SLOW_WRAPPER = """
 import os, sys, time
-from convert import writer
+from convert import sinks, writer
 mode = os.environ["MM_TEST_SLOW"]
+if mode == "hash":
+    original_hash = sinks.HashSink.write
+    def slow_hash(self, name, data):
+        time.sleep(0.02)
+        return original_hash(self, name, data)
+    sinks.HashSink.write = slow_hash
 if mode in ("write", "parts"):
     original = writer.StagedFile.write
     def slow(self, data):
@@ -71,18 +77,25 @@ def multi_part_source(tmp_path_factory) -> Path:
     return make_synthetic(tmp_path_factory.mktemp("kill") / "src", MULTI_PART, "bf16", seed=3)
 
 
+# Both output formats: the experts format in parts of 1 MB; presharded with its own files.
+FORMAT_ARGS = {"experts": ["--format", "experts", "--part-size", "1MB"], "presharded": []}
+CONVERT_ARGS = ["--tp", "4", "--ep", "2", "-q"]
+
+
 @pytest.fixture(scope="module")
-def clean_run(multi_part_source, tmp_path_factory) -> dict[str, str]:
-    out = tmp_path_factory.mktemp("clean") / "out"
-    r = run_cli("convert", multi_part_source, out, "--tp", "4", "--ep", "2", "--part-size", "1MB", "-q")
-    assert r.returncode == 0, r.stderr
-    return tree_digest(out)
+def clean_runs(multi_part_source, tmp_path_factory) -> dict[str, dict[str, str]]:
+    runs = {}
+    for fmt, args in FORMAT_ARGS.items():
+        out = tmp_path_factory.mktemp("clean") / fmt
+        r = run_cli("convert", multi_part_source, out, *CONVERT_ARGS, *args)
+        assert r.returncode == 0, r.stderr
+        runs[fmt] = tree_digest(out)
+    return runs
 
 
-def _start_slow(src: Path, out: Path, mode: str) -> subprocess.Popen:
+def _start_slow(src: Path, out: Path, mode: str, fmt: str = "experts") -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", SLOW_WRAPPER, "convert", str(src), str(out), "--tp", "4", "--ep", "2",
-         "--part-size", "1MB", "-q"],
+        [sys.executable, "-c", SLOW_WRAPPER, "convert", str(src), str(out), *CONVERT_ARGS, *FORMAT_ARGS[fmt]],
         env={**os.environ, "MM_TEST_SLOW": mode, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -103,26 +116,42 @@ def _partial_written(out: Path) -> bool:
     return any(p.stat().st_size > 4096 for p in (out / ".mm-convert").rglob("*.partial")) if out.exists() else False
 
 
-@pytest.mark.parametrize("point", ["after-some-parts", "during-a-write", "during-commit"])
-def test_kill_9_then_rerun_gives_identical_output(multi_part_source, clean_run, tmp_path, point):
+def _committing(out: Path) -> bool:
+    """Some staged file has been renamed to its final name (the commit started)."""
+    return out.exists() and any(p.name == "experts" or p.name.startswith("presharded-") for p in out.iterdir())
+
+
+KILL_POINTS = [("experts", "after-some-parts"), ("experts", "during-a-write"), ("experts", "during-commit"),
+               ("presharded", "during-the-hash-pass"), ("presharded", "after-some-parts"),
+               ("presharded", "during-a-write"), ("presharded", "during-commit")]
+
+
+@pytest.mark.parametrize("fmt,point", KILL_POINTS)
+def test_kill_9_then_rerun_gives_identical_output(multi_part_source, clean_runs, tmp_path, fmt, point):
     source_before = tree_digest(multi_part_source)
     out = tmp_path / "out"
-    mode = {"after-some-parts": "parts", "during-a-write": "write", "during-commit": "commit"}[point]
-    proc = _start_slow(multi_part_source, out, mode)
+    mode = {"after-some-parts": "parts", "during-a-write": "write", "during-commit": "commit",
+            "during-the-hash-pass": "hash"}[point]
+    proc = _start_slow(multi_part_source, out, mode, fmt)
     if point == "after-some-parts":
-        _wait_for(lambda: _journal_lines(out) >= 5, proc)
+        _wait_for(lambda: _journal_lines(out) >= 3, proc)
     elif point == "during-a-write":
         _wait_for(lambda: _partial_written(out), proc)
+    elif point == "during-the-hash-pass":
+        _wait_for(lambda: (out / ".mm-convert" / "fingerprint.json").exists(), proc)
+        time.sleep(0.5)
+        assert not (out / ".mm-convert" / "content_keys.json").exists()
     else:
-        _wait_for(lambda: (out / "experts").exists(), proc)
+        _wait_for(lambda: _committing(out), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert "mm_convert.json" not in final_outputs(out)  # never mistaken for a finished conversion
+    assert not any(Path(p).name == "READY" for p in final_outputs(out))  # nor by SGLang
     r = run_cli("inspect", out) if (out / "config.json").exists() else None
     assert r is None or "in progress" in r.stdout or "MISSING" in r.stdout
-    r = run_cli("convert", multi_part_source, out, "--tp", "4", "--ep", "2", "--part-size", "1MB", "-q")
+    r = run_cli("convert", multi_part_source, out, *CONVERT_ARGS, *FORMAT_ARGS[fmt])
     assert r.returncode == 0, r.stderr
-    assert tree_digest(out) == clean_run
+    assert tree_digest(out) == clean_runs[fmt]
     assert tree_digest(multi_part_source) == source_before
 
 
@@ -132,10 +161,10 @@ def test_rerun_with_another_fingerprint_is_refused(multi_part_source, tmp_path):
     _wait_for(lambda: _journal_lines(out) >= 2, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    r = run_cli("convert", multi_part_source, out, "--tp", "2", "--ep", "2", "--part-size", "1MB", "-q")
+    r = run_cli("convert", multi_part_source, out, "--tp", "2", "--ep", "2", *FORMAT_ARGS["experts"], "-q")
     assert r.returncode != 0
     assert "different tp (was 4, now 2)" in r.stderr and "--overwrite" in r.stderr
-    r = run_cli("convert", multi_part_source, out, "--tp", "2", "--ep", "2", "--part-size", "1MB", "-q", "--overwrite")
+    r = run_cli("convert", multi_part_source, out, "--tp", "2", "--ep", "2", *FORMAT_ARGS["experts"], "-q", "--overwrite")
     assert r.returncode == 0, r.stderr
 
 
@@ -144,7 +173,7 @@ def test_second_conversion_into_the_same_folder_is_refused(multi_part_source, tm
     proc = _start_slow(multi_part_source, out, "parts")
     try:
         _wait_for(lambda: _journal_lines(out) >= 1, proc)
-        r = run_cli("convert", multi_part_source, out, "--tp", "4", "--ep", "2", "--part-size", "1MB", "-q")
+        r = run_cli("convert", multi_part_source, out, *CONVERT_ARGS, *FORMAT_ARGS["experts"])
         assert r.returncode != 0 and "another conversion is writing into this folder" in r.stderr
     finally:
         proc.kill()
@@ -472,10 +501,11 @@ def test_non_empty_foreign_output_refused(tiny_fp8, tmp_path):
     assert (out / "precious.txt").read_text() == "keep me"
 
 
-def test_resume_rehashes_staged_files(multi_part_source, clean_run, tmp_path):
+@pytest.mark.parametrize("fmt", sorted(FORMAT_ARGS))
+def test_resume_rehashes_staged_files(multi_part_source, clean_runs, tmp_path, fmt):
     """A staged file damaged after the crash is redone, not trusted because the journal lists it."""
     out = tmp_path / "out"
-    proc = _start_slow(multi_part_source, out, "parts")
+    proc = _start_slow(multi_part_source, out, "parts", fmt)
     _wait_for(lambda: _journal_lines(out) >= 3, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -484,6 +514,6 @@ def test_resume_rehashes_staged_files(multi_part_source, clean_run, tmp_path):
     raw = bytearray(victim.read_bytes())
     raw[-1] ^= 0xFF
     victim.write_bytes(bytes(raw))
-    r = run_cli("convert", multi_part_source, out, "--tp", "4", "--ep", "2", "--part-size", "1MB", "-q")
+    r = run_cli("convert", multi_part_source, out, *CONVERT_ARGS, *FORMAT_ARGS[fmt])
     assert r.returncode == 0, r.stderr
-    assert tree_digest(out) == clean_run
+    assert tree_digest(out) == clean_runs[fmt]

@@ -25,7 +25,7 @@ def per_rank_cases(tiny_fp8, tiny_bf16, tmp_path_factory):
     for src, profile, tp, ep in ((tiny_fp8, "sglang", 1, 1), (tiny_fp8, "trtllm", 4, 1),
                                  (tiny_bf16, "sglang", 4, 4), (tiny_fp8, "trtllm", 4, 4), (tiny_bf16, "trtllm", 2, 1)):
         out = base / f"{profile}-tp{tp}-ep{ep}-{src.name}"
-        convert(src, out, ConvertOptions(profile=profile, tp=tp, ep=ep, quiet=True))
+        convert(src, out, ConvertOptions(profile=profile, format="experts", tp=tp, ep=ep, quiet=True))
         folders.append(str(out))
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "triton_interpreter_cases.py"), *folders],

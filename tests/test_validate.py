@@ -18,20 +18,23 @@ from validators.run import validate
 
 @pytest.fixture(scope="module")
 def good(tiny_fp8, tiny_bf16, tmp_path_factory):
-    """Correct conversions: (source, output) per (kind, profile, tp, ep)."""
+    """Correct conversions: (source, output) per (kind, layout, tp, ep); layout is an experts-format
+    profile (sglang, trtllm) or presharded (the sglang profile as SGLang holds the whole rank, for SM100)."""
     base = tmp_path_factory.mktemp("validate")
     made = {}
     for kind, src in (("fp8", tiny_fp8), ("bf16", tiny_bf16)):
-        for profile in ("sglang", "trtllm"):
+        for layout in ("sglang", "trtllm", "presharded"):
             for tp, ep in ((4, 1), (2, 2), (4, 2)):
-                out = base / f"{kind}-{profile}-tp{tp}-ep{ep}"
-                convert(src, out, ConvertOptions(profile=profile, tp=tp, ep=ep, quiet=True))
-                made[(kind, profile, tp, ep)] = (src, out)
+                out = base / f"{kind}-{layout}-tp{tp}-ep{ep}"
+                options = ConvertOptions(tp=tp, ep=ep, quiet=True) if layout == "presharded" else \
+                    ConvertOptions(profile=layout, format="experts", tp=tp, ep=ep, quiet=True)
+                convert(src, out, options)
+                made[(kind, layout, tp, ep)] = (src, out)
     return made
 
 
 @pytest.mark.parametrize("kind", ["fp8", "bf16"])
-@pytest.mark.parametrize("profile", ["sglang", "trtllm"])
+@pytest.mark.parametrize("profile", ["sglang", "trtllm", "presharded"])
 @pytest.mark.parametrize("tp,ep", [(4, 1), (2, 2), (4, 2)])
 def test_correct_conversions_pass(good, kind, profile, tp, ep):
     src, out = good[(kind, profile, tp, ep)]
@@ -39,6 +42,9 @@ def test_correct_conversions_pass(good, kind, profile, tp, ep):
     assert report.passed, report.render()
     checks = report.by_check()
     assert checks["structure"]["pass"] >= 5 and checks["exact"]["pass"] >= 3
+    exact = " ".join(f.message for f in report.findings if f.check == "exact")
+    # presharded: every rank's non-expert slices too; experts format: the pass-through shards
+    assert ("non-expert tensors of" in exact) == (profile == "presharded")
     assert checks["kernel"]["pass"] == 2  # layers 0 and 2
     if kind == "bf16":
         assert checks["quant-error"]["pass"] == 1
@@ -189,3 +195,70 @@ def test_packing_survives_negative_weights():
     assert packed.dtype == torch.int32 and (packed[0, 0] >> 16).item() == 3
     back_ids, back_w = unpack_topk(packed)
     assert back_ids.tolist() == [[3, 255]] and back_w.tolist() == [[-0.5, 0.25]]
+
+
+# -- presharded folders ------------------------------------------------------------------------------
+
+
+def _presharded_folder(out: Path) -> Path:
+    (root,) = [p for p in out.iterdir() if p.name.startswith("presharded-")]
+    (folder,) = list(root.iterdir())
+    return folder
+
+
+def test_presharded_wrong_rank_checksum_named(good, tmp_path):
+    src, out = _copy(good, ("fp8", "presharded", 4, 2), tmp_path)
+    path = _presharded_folder(out) / "checksum.json"
+    plan = json.loads(path.read_text())
+    plan["rank_checksums"]["2"] = "0123456789abcdef"
+    path.write_text(json.dumps(plan, indent=2))
+    defects.forge_manifest(out)
+    report = validate(out, None, kernel="reference", layers=[0])
+    structure = _failures(report, "structure")
+    assert [f.rank for f in structure] == [2] and "rank checksum '0123456789abcdef'" in structure[0].message
+
+
+def test_presharded_swapped_gate_up_named(good, tmp_path):
+    """Halves swapped and the folder made self-consistent again (keys, checksums, manifest): only the
+    source can tell, and it does, naming the expert."""
+    src, out = _copy(good, ("fp8", "presharded", 4, 2), tmp_path)
+    defects.presharded_edit(out, rank=3, name="model.layers.1.block_sparse_moe.experts.w13_weight",
+                            change=lambda w: defects.swapped_halves(w, local_expert=2, padded=256))
+    report = validate(out, src, kernel="reference", layers=[1])
+    assert not _failures(report, "structure")
+    exact = _failures(report, "exact")
+    assert [(f.layer, f.expert, f.rank) for f in exact] == [(1, 8, 3)]
+    assert "gate and up halves of w13_weight are swapped" in exact[0].message
+    assert _failures(report, "kernel")
+
+
+def test_presharded_wrong_qkv_slice_named(good, tmp_path):
+    """Rank 1 given rank 0's qkv_proj (a plausible off-by-one-rank slice), made self-consistent."""
+    src, out = _copy(good, ("fp8", "presharded", 4, 1), tmp_path)
+    name = "model.layers.2.self_attn.qkv_proj.weight"
+    rank0 = defects.presharded_tensor(out, rank=0, name=name)
+    defects.presharded_edit(out, rank=1, name=name, change=lambda w: rank0.clone())
+    report = validate(out, src, kernel="reference", layers=[2])
+    assert not _failures(report, "structure")
+    exact = _failures(report, "exact")
+    assert [(f.rank, f.check) for f in exact] == [(1, "exact")]
+    assert exact[0].message.startswith(f"{name} differs from model.layers.2.self_attn.q_proj.weight")
+
+
+def test_presharded_flipped_byte_caught_without_source(good, tmp_path):
+    """verify_on_load's own check, before SGLang runs: a stored tensor that no longer hashes to its key."""
+    _, out = _copy(good, ("fp8", "presharded", 2, 2), tmp_path)
+    data = max(_presharded_folder(out).glob("*.safetensor"), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[-7] ^= 0x10
+    data.write_bytes(bytes(raw))
+    defects.forge_manifest(out)
+    report = validate(out, None, kernel="reference", layers=[0])
+    assert any("no longer hashes to its key" in f.message for f in _failures(report, "structure"))
+
+
+def test_presharded_top_level_weights_refused(good, tmp_path):
+    _, out = _copy(good, ("fp8", "presharded", 2, 2), tmp_path)
+    shutil.copy(next(_presharded_folder(out).glob("*-common.safetensor")), out / "model.safetensors")
+    report = validate(out, None, kernel="reference", layers=[0])
+    assert any("holds no top-level weights" in f.message for f in _failures(report, "structure"))

@@ -56,7 +56,7 @@ def main(folders: list[str]) -> None:
         with ConvertedCheckpoint.open(folder) as ckpt:
             entry = ckpt.block.shapes[0]
             layer = 1
-            gate, bias = kernel_check._router(ckpt, layer)
+            gate, bias = ckpt.router(entry, layer)
             for tokens in (1, 7, 40):
                 hidden = kernel_check.hidden_states(tokens, ckpt.shape.hidden_size, 3, layer)
                 inputs = kernel_check.make_inputs(hidden, route(hidden, gate, bias, ckpt.shape.top_k), ckpt.shape.num_experts)

@@ -1,7 +1,9 @@
 """A converted checkpoint as the validators see it: config block, manifest, per-rank tensor files.
 
 Reads through the output format's names and the strict safetensors reader; imports nothing that
-writes.
+writes. A rank's tensors are found by name in either format: in the `experts` format by the part
+files' headers (and the standard shards' index for the router), in the `presharded` format through
+the folder's `checksum.json` (which file and key each rank reads for each parameter).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from convert import model, output_format
+from convert import model, output_format, presharded
 from convert.errors import ConvertError
 from convert.fsutil import read_json_object
 from convert.manifest import Manifest
@@ -40,6 +42,7 @@ class ConvertedCheckpoint:
         self.shape = shape
         self.profile = profile
         self._files: dict[Path, TensorFile] = {}
+        self._reads: dict[str, dict[tuple[int, str], tuple[str, str]]] = {}
 
     @classmethod
     def open(cls, root: str | Path) -> "ConvertedCheckpoint":
@@ -64,7 +67,8 @@ class ConvertedCheckpoint:
         return Manifest.load(self.root)
 
     def ranks(self, entry: ShapeEntry) -> list[RankGeometry]:
-        return entry.parallel.ranks(self.shape)
+        """The ranks whose tensors are in the folder (a presharded subset holds only some)."""
+        return [entry.parallel.rank(self.shape, r) for r in entry.present_ranks]
 
     def part_path(self, entry: ShapeEntry, rank: int, part: int) -> Path:
         return self.root / output_format.rank_part_file_name(entry.parallel, rank, part)
@@ -84,13 +88,66 @@ class ConvertedCheckpoint:
                 return path
         raise ConvertError(f"{self.root / entry.dir}: rank {rank} has no part holding layer {layer}")
 
+    # -- presharded folders ------------------------------------------------------------------------
+
+    def checksum(self, entry: ShapeEntry) -> dict:
+        """The folder's checksum.json (ConvertError naming it when missing or malformed)."""
+        return read_json_object(self.root / entry.dir / presharded.CHECKSUM_NAME)
+
+    def reads(self, entry: ShapeEntry) -> dict[tuple[int, str], tuple[str, str]]:
+        """(rank, parameter name) -> (file name, stored key), from checksum.json; names confined to the folder."""
+        if entry.dir not in self._reads:
+            where = self.root / entry.dir / presharded.CHECKSUM_NAME
+            table: dict[tuple[int, str], tuple[str, str]] = {}
+            try:
+                for rank, items in self.checksum(entry)["rank_to_reads"].items():
+                    for item in items:
+                        name = str(item["filename"])
+                        if "/" in name or "\\" in name or name in ("", ".", ".."):
+                            raise ConvertError(f"{where}: file name {name!r} leaves the folder")
+                        table[(int(rank), str(item["name"]))] = (name, str(item["stored_key"]))
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise ConvertError(f"{where}: malformed ({type(exc).__name__}: {exc})") from exc
+            self._reads[entry.dir] = table
+        return self._reads[entry.dir]
+
+    def rank_tensor(self, entry: ShapeEntry, rank: int, name: str, local: range | None = None) -> torch.Tensor:
+        """A rank's parameter by name (`local`: items of its first dimension), in either format."""
+        if entry.format == "presharded":
+            where = self.reads(entry).get((rank, name))
+            if where is None:
+                raise ConvertError(f"{self.root / entry.dir}: rank {rank} reads no tensor {name}")
+            f = self.file(self.root / entry.dir / where[0])
+            key = where[1]
+        else:
+            parsed = output_format.parse_expert_tensor_name(name)
+            if parsed is None:
+                raise ConvertError(f"{self.root / entry.dir}: the experts format stores no {name} per rank")
+            f = self.file(self.part_of_layer(entry, rank, parsed[0]))
+            key = name
+        if local is None:
+            return f.read(key)
+        return f.read_slice(key, local.start, local.stop)
+
+    def router(self, entry: ShapeEntry, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's router gate and correction bias (float32), as the checkpoint stores them."""
+        names = (model.router_weight_name(layer), model.router_bias_name(layer))
+        if entry.format == "presharded":
+            return tuple(self.rank_tensor(entry, entry.present_ranks[0], n).float() for n in names)  # type: ignore[return-value]
+        weight_map = self.weight_map()
+        tensors = []
+        for name in names:
+            if name not in weight_map:
+                raise ConvertError(f"{self.root}: missing tensor {name} (needed to route)")
+            tensors.append(self.file(self.root / weight_map[name]).read(name).float())
+        return tensors[0], tensors[1]
+
     def rank_layer(self, entry: ShapeEntry, rank: int, layer: int, local: range | None = None) -> RankLayer:
         """A rank's tensors for one layer; `local` picks a range of its local experts (one contiguous read)."""
-        f = self.file(self.part_of_layer(entry, rank, layer))
         local = local if local is not None else range(entry.experts_per_rank)
 
         def get(kind: output_format.ExpertTensorKind) -> torch.Tensor:
-            return f.read_slice(output_format.expert_tensor_name(layer, kind), local.start, local.stop)
+            return self.rank_tensor(entry, rank, output_format.expert_tensor_name(layer, kind), local)
 
         return RankLayer(get("w13_weight"), get("w13_weight_scale_inv"), get("w2_weight"), get("w2_weight_scale_inv"))
 
@@ -104,3 +161,21 @@ class ConvertedCheckpoint:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class OutputView:
+    """The converted checkpoint as SGLang will see it when serving: its config (which decides whether
+    attention is FP8, exactly as SGLang's quantisation config decides) and its model shape."""
+
+    def __init__(self, ckpt: ConvertedCheckpoint):
+        self.config = ckpt.config
+        self.shape = ckpt.shape
+
+    def dtype_of(self, name: str) -> str:
+        from convert.sglang_state import model_dtype
+
+        quant = self.config.get("quantization_config") or {}
+        skipped = any(m == "self_attn" or f".{m}." in f".{name}." for m in quant.get("modules_to_not_convert") or [])
+        if quant.get("quant_method") == "fp8" and ".self_attn." in name and not skipped:
+            return "F8_E4M3"
+        return model_dtype(self.config)

@@ -13,7 +13,7 @@ from convert.parallel import RankGeometry
 from convert.profiles import Down, GateUp, Packed
 from convert.quant import dequantize_fp8_block, quantize_fp8_block
 from convert.read_experts import read_projection
-from convert.safetensors_file import TensorFile
+from convert.safetensors_file import DTYPES, TensorFile
 from convert.source import SourceCheckpoint
 from validators import numerics
 from validators.checkpoint import ConvertedCheckpoint
@@ -79,7 +79,7 @@ def _compare_rank(report: Report, label: str, layer: int, g: RankGeometry, exper
 
 def check_experts(ckpt: ConvertedCheckpoint, source: SourceCheckpoint, report: Report, entry: ShapeEntry,
                   layers: list[int], errors: list[tuple[float, int, int, str]]) -> None:
-    label = entry.parallel.dirname
+    label = entry.key
     profile = ckpt.profile
     ranks = ckpt.ranks(entry)
     bad = 0
@@ -104,10 +104,10 @@ def check_experts(ckpt: ConvertedCheckpoint, source: SourceCheckpoint, report: R
                     assembled["w1"].append((g.moe_tp_rank, gate_up.gate, gate_up.gate_scale))
                     assembled["w3"].append((g.moe_tp_rank, gate_up.up, gate_up.up_scale))
                     assembled["w2"].append((g.moe_tp_rank, down.weight, down.scale))
-                if raw and len(assembled["w1"]) == len(owners):
+                if raw and owners and len(assembled["w1"]) == len(owners) == entry.moe_tp:
                     _quant_errors(assembled, raw, experts, layer, errors)
     if not bad:
-        report.add(Finding(CHECK, "pass", f"every expert of {len(layers)} layer(s) on {entry.tp} ranks equals the "
+        report.add(Finding(CHECK, "pass", f"every expert of {len(layers)} layer(s) on {len(ranks)} ranks equals the "
                                           f"{'quantised ' if source.kind != 'fp8' else ''}source, bit for bit",
                            shape=label))
 
@@ -122,6 +122,72 @@ def _quant_errors(assembled, raw, experts: range, layer: int, errors: list) -> N
         deq = dequantize_fp8_block(q.view(torch.float8_e4m3fn), s)
         for i, expert in enumerate(experts):
             errors.append((numerics.relative_error(deq[i], raw[proj][i].float()), layer, expert, proj))
+
+
+def check_rank_tensors(ckpt: ConvertedCheckpoint, source: SourceCheckpoint, report: Report, entry: ShapeEntry) -> None:
+    """Presharded: every non-expert tensor of every rank, cut back into the source slices it was
+    assembled from (convert/sglang_state.py's recipe, inverted) and compared byte for byte; padding
+    zero; SM100's re-quantised linear layers recomputed from the source and compared exactly."""
+    from convert.rank_tensors import produce, split
+    from convert.sglang_state import Assemble, Constant, ExpertTensor, PreshardedTarget, rank_state
+
+    label = entry.key
+    target = PreshardedTarget(entry.parallel, entry.gpu_arch or "")
+    bad = checked = 0
+    for rank in entry.present_ranks:
+        for t in rank_state(source, target, rank):
+            if isinstance(t.recipe, ExpertTensor):
+                continue
+            try:
+                stored = ckpt.rank_tensor(entry, rank, t.name)
+            except ConvertError as exc:
+                report.add(Finding(CHECK, "fail", str(exc), shape=label, rank=rank))
+                bad += 1
+                continue
+            checked += 1
+            if stored.dtype != DTYPES[t.dtype][0] or tuple(stored.shape) != t.shape:
+                problem = f"is {stored.dtype} {list(stored.shape)}, SGLang holds {t.dtype} {list(t.shape)}"
+            elif isinstance(t.recipe, Assemble):
+                problem = _assembly_problem(source, stored, t.recipe)
+            elif isinstance(t.recipe, Constant):
+                problem = None if bool((stored == t.recipe.value).all()) else f"is not {t.recipe.value}"
+            else:
+                want = torch.cat([p.reshape(-1) for p in produce(source, t)]).reshape(t.shape)
+                problem = None if torch.equal(_raw(stored), _raw(want)) else _requant_problem(stored, want, t.recipe)
+            if problem:
+                report.add(Finding(CHECK, "fail", f"{t.name} {problem}", shape=label, rank=rank))
+                bad += 1
+    if not bad:
+        report.add(Finding(CHECK, "pass", f"{checked} non-expert tensors of {len(entry.present_ranks)} ranks are the "
+                                          "source's slices, merged and padded as SGLang holds them, bit for bit", shape=label))
+
+
+def _requant_problem(stored: torch.Tensor, want: torch.Tensor, recipe) -> str:
+    """Which source region an SM100 re-quantised tensor differs in (its parts are whole 128-blocks)."""
+    from convert.rank_tensors import split
+    from convert.sglang_state import Rows
+
+    if recipe.part == "weight":
+        for (part, got), (_, expected) in zip(split(stored, recipe.weight), split(want, recipe.weight)):
+            if not torch.equal(_raw(got.contiguous()), _raw(expected.contiguous())) and isinstance(part, Rows):
+                return (f"differs from {part.source}[{part.start}:{part.start + part.count}] (axis {recipe.weight.axis}) "
+                        "re-quantised as SGLang does on SM100")
+    return "differs from the source re-quantised as SGLang does on SM100"
+
+
+def _assembly_problem(source: SourceCheckpoint, stored: torch.Tensor, a) -> str | None:
+    from convert.rank_tensors import split
+    from convert.sglang_state import Rows
+
+    for part, got in split(stored, a):
+        if isinstance(part, Rows):
+            region = source.read(part.source).narrow(a.axis, part.start, part.count)
+            want = region if region.dtype == got.dtype else region.to(got.dtype)
+            if not torch.equal(_raw(got.contiguous()), _raw(want.contiguous())):
+                return f"differs from {part.source}[{part.start}:{part.start + part.count}] (axis {a.axis})"
+        elif bool(got.ne(0).any()):
+            return f"padding ({part.count} indices along axis {a.axis}) is not zero"
+    return None
 
 
 def check_pass_through(ckpt: ConvertedCheckpoint, source: SourceCheckpoint, report: Report) -> None:
@@ -171,7 +237,8 @@ def run(ckpt: ConvertedCheckpoint, source: SourceCheckpoint, report: Report, lay
         report.add(Finding(CHECK, "fail", f"the source's config describes a different model ({source.shape} vs {ckpt.shape})"))
         return
     check_config(ckpt, source, report)
-    check_pass_through(ckpt, source, report)
+    if ckpt.block.format == "experts":
+        check_pass_through(ckpt, source, report)
     layers = list(range(ckpt.shape.num_layers)) if layers is None else layers
     errors: list[tuple[float, int, int, str]] = []
     for entry in ckpt.block.shapes:
@@ -180,9 +247,11 @@ def run(ckpt: ConvertedCheckpoint, source: SourceCheckpoint, report: Report, lay
         except ConvertError:
             continue  # reported by the structure check
         errors.clear()
+        if entry.format == "presharded":
+            check_rank_tensors(ckpt, source, report, entry)
         check_experts(ckpt, source, report, entry, layers, errors)
         if source.kind != "fp8" and errors:
-            _report_quant_errors(report, entry.parallel.dirname, errors)
+            _report_quant_errors(report, entry.key, errors)
 
 
 def _report_quant_errors(report: Report, label: str, errors: list[tuple[float, int, int, str]]) -> None:

@@ -19,7 +19,6 @@ from convert.quant import (
     quantize_fp8_block,
     quantize_fp8_per_token_group,
 )
-from convert.safetensors_file import TensorFile
 from convert.source import SourceCheckpoint
 from validators import numerics
 from validators.checkpoint import ConvertedCheckpoint
@@ -36,17 +35,6 @@ def default_layers(num_layers: int) -> list[int]:
     return sorted({0, num_layers // 2, num_layers - 1})
 
 
-def _router(ckpt: ConvertedCheckpoint, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    weight_map = ckpt.weight_map()
-    tensors = []
-    for name in (model.router_weight_name(layer), model.router_bias_name(layer)):
-        if name not in weight_map:
-            raise ConvertError(f"{ckpt.root}: missing tensor {name} (needed to route)")
-        with TensorFile(ckpt.root / weight_map[name]) as f:
-            tensors.append(f.read(name).float())
-    return tensors[0], tensors[1]
-
-
 def make_inputs(hidden: torch.Tensor, routing: Routing, num_experts: int) -> RoutedInputs:
     q, scale = quantize_fp8_per_token_group(hidden)
     return RoutedInputs(q, scale.t().contiguous(), routing.packed, num_experts, routing.ids.shape[1])
@@ -57,17 +45,35 @@ def hidden_states(tokens: int, hidden: int, seed: int, layer: int) -> torch.Tens
     return torch.randn(tokens, hidden, generator=gen)
 
 
-def source_reference(inputs: RoutedInputs, experts: ExpertWeights, device: str = "cpu") -> torch.Tensor:
-    """float32 MoE over the full (unsliced, unpadded) expert matrices, same FP8 activations."""
+def source_reference(inputs: RoutedInputs, experts: ExpertWeights, device: str = "cpu",
+                     rows: Callable[[int], list[tuple[int, int]]] | None = None) -> torch.Tensor:
+    """float32 MoE over the unsliced, unpadded expert matrices, same FP8 activations.
+
+    `rows(e)` limits expert `e` to intermediate rows `[start, stop)` (the slices of the ranks in a
+    folder that holds only some ranks: MoE-TP ranks add up exactly, row slice by row slice); an
+    expert with no rows contributes nothing."""
     x = inputs.dequantized_hidden().to(device)
     ids, weights = unpack_topk(inputs.topk_packed.to(device))
     out = torch.zeros_like(x)
     for e in torch.unique(ids).tolist():
         tok, slot = (ids == e).nonzero(as_tuple=True)
         w1, w3, w2 = (m.to(device) for m in experts(e))
-        act = torch.nn.functional.silu(x[tok] @ w1.t()) * (x[tok] @ w3.t())
-        out.index_add_(0, tok, (act @ w2.t()) * weights[tok, slot, None])
+        for start, stop in (rows(e) if rows is not None else [(0, w1.shape[0])]):
+            act = torch.nn.functional.silu(x[tok] @ w1[start:stop].t()) * (x[tok] @ w3[start:stop].t())
+            out.index_add_(0, tok, (act @ w2[:, start:stop].t()) * weights[tok, slot, None])
     return out.cpu()
+
+
+def present_rows(ckpt: ConvertedCheckpoint, entry: ShapeEntry) -> Callable[[int], list[tuple[int, int]]] | None:
+    """For a folder holding some ranks only: the intermediate rows of each expert those ranks hold."""
+    if entry.ranks is None:
+        return None
+    ranks = ckpt.ranks(entry)
+
+    def rows(e: int) -> list[tuple[int, int]]:
+        return [(g.row_start, g.row_start + g.real_rows) for g in ranks if e in g.experts and g.real_rows]
+
+    return rows
 
 
 def source_experts(source: SourceCheckpoint, layer: int, device: str = "cpu") -> ExpertWeights:
@@ -88,26 +94,30 @@ def source_experts(source: SourceCheckpoint, layer: int, device: str = "cpu") ->
 
 
 def checkpoint_experts(ckpt: ConvertedCheckpoint, entry: ShapeEntry, layer: int) -> ExpertWeights:
-    """Without --source: the experts rebuilt from the output itself (all MoE-TP ranks' rows)."""
+    """Without --source: the experts rebuilt from the output itself, each rank's rows in place (rows
+    of ranks a partial folder does not hold stay zero; `present_rows` leaves them out)."""
     ranks = ckpt.ranks(entry)
+    m = ckpt.shape
 
     def get(e: int):
-        gate, up, down, gs, us, ds = [], [], [], [], [], []
-        for g in sorted((g for g in ranks if e in g.experts), key=lambda g: g.moe_tp_rank):
+        w1, w3 = torch.zeros(m.intermediate_size, m.hidden_size), torch.zeros(m.intermediate_size, m.hidden_size)
+        w2 = torch.zeros(m.hidden_size, m.intermediate_size)
+        for g in (g for g in ranks if e in g.experts and g.real_rows):
             local = range(e - g.first_expert, e - g.first_expert + 1)
             t = ckpt.rank_layer(entry, g.rank, layer, local)
             gu = ckpt.profile.unpack_gate_up(Packed(t.w13, t.w13_scale), g)
             dn = ckpt.profile.unpack_down(Packed(t.w2, t.w2_scale), g)
-            gate.append(gu.gate[0]), up.append(gu.up[0]), down.append(dn.weight[0])
-            gs.append(gu.gate_scale[0]), us.append(gu.up_scale[0]), ds.append(dn.scale[0])
-        deq = lambda ws, ss, dim: dequantize_fp8_block(torch.cat(ws, dim).view(torch.float8_e4m3fn), torch.cat(ss, dim))  # noqa: E731
-        return deq(gate, gs, 0), deq(up, us, 0), deq(down, ds, 1)
+            rows = slice(g.row_start, g.row_start + g.real_rows)
+            deq = lambda w, s: dequantize_fp8_block(w[0].view(torch.float8_e4m3fn), s[0])  # noqa: E731
+            # A slice's own scale blocks start at its first row, which is a multiple of 128.
+            w1[rows], w3[rows], w2[:, rows] = deq(gu.gate, gu.gate_scale), deq(gu.up, gu.up_scale), deq(dn.weight, dn.scale)
+        return w1, w3, w2
 
     return get
 
 
 def rank_weights(ckpt: ConvertedCheckpoint, entry: ShapeEntry, rank: int, layer: int) -> RankWeights:
-    g = ckpt.ranks(entry)[rank]
+    g = entry.parallel.rank(ckpt.shape, rank)
     t = ckpt.rank_layer(entry, rank, layer)
     flags = ckpt.profile.flags
     return RankWeights(t.w13, t.w13_scale, t.w2, t.w2_scale, flags.use_shuffled_weight, flags.weight_layout,
@@ -133,13 +143,13 @@ def run(ckpt: ConvertedCheckpoint, source: SourceCheckpoint | None, report: Repo
         if not 0 <= layer < ckpt.shape.num_layers:
             raise ConvertError(f"--layers: layer {layer} does not exist (the model has {ckpt.shape.num_layers})")
     for entry in ckpt.block.shapes:
-        label = entry.parallel.dirname
+        label = entry.key
         if label in broken_shapes:
             report.add(Finding(CHECK, "skip", "not run: the structure check failed for this shape", shape=label))
             continue
         for layer in layers:
             started = time.monotonic()
-            gate, bias = _router(ckpt, layer)
+            gate, bias = ckpt.router(entry, layer)
             hidden = hidden_states(tokens, ckpt.shape.hidden_size, seed, layer)
             inputs = make_inputs(hidden, route(hidden, gate, bias, ckpt.shape.top_k), ckpt.shape.num_experts)
             try:
@@ -150,12 +160,12 @@ def run(ckpt: ConvertedCheckpoint, source: SourceCheckpoint | None, report: Repo
             kernel_seconds = time.monotonic() - started
             experts = (source_experts(source, layer, backend.device) if source is not None
                        else checkpoint_experts(ckpt, entry, layer))
-            reference = source_reference(inputs, experts, backend.device)
+            reference = source_reference(inputs, experts, backend.device, present_rows(ckpt, entry))
             metrics = numerics.compare_outputs(out, reference)
             metrics["seconds"] = round(kernel_seconds, 3)
             ok = numerics.passes(metrics, backend.tolerance)
             unwritten = int(torch.isnan(out).sum())
-            message = (f"{backend.name} on {entry.tp} ranks vs float32 reference from the "
+            message = (f"{backend.name} on {len(entry.present_ranks)} ranks vs float32 reference from the "
                        f"{'source' if source is not None else 'checkpoint itself'}: rel_l2 {metrics['rel_l2']:.2e}, "
                        f"cosine {metrics['cosine']:.6f}, within FlashInfer tolerance {metrics['within_tolerance']:.3f}")
             if unwritten:

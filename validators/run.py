@@ -87,7 +87,7 @@ def validate(out: str | Path, source: str | Path | None = None, kernel: str = "a
             else:
                 broken = frozenset(f.shape for f in report.failures() if f.check == "structure" and f.shape)
                 if any(f.check == "structure" and f.shape is None for f in report.failures()):
-                    broken = frozenset(e.parallel.dirname for e in ckpt.block.shapes)  # config-level failure
+                    broken = frozenset(e.key for e in ckpt.block.shapes)  # config-level failure
                 with _timed(report, "kernel"):
                     kernel_check.run(ckpt, src, report, selection.backend, chosen, tokens, seed, broken)
         finally:

@@ -3,17 +3,19 @@ covering every expert of every layer exactly once, padded with exact zeros, with
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from convert import output_format
+from convert import output_format, presharded
 from convert.errors import ConvertError
 from convert.fsutil import sha256_file
 from convert.output_format import EXPERT_DTYPES
-from convert.safetensors_file import read_header
-from validators.checkpoint import ConvertedCheckpoint
+from convert.safetensors_file import read_header, tensor_bytes
+from convert.sglang_state import PreshardedTarget
+from validators.checkpoint import ConvertedCheckpoint, OutputView
 from validators.report import Finding, Report
 
 CHECK = "structure"
@@ -39,7 +41,7 @@ def check_manifest(ckpt: ConvertedCheckpoint, report: Report, on_bytes=None) -> 
         elif sha256_file(path, on_bytes) != rec.sha256:
             report.add(Finding(CHECK, "fail", f"{rec.path}: sha256 differs from the manifest"))
             bad += 1
-    for path in sorted(ckpt.root.rglob("*.safetensors")):
+    for path in sorted(p for p in ckpt.root.rglob("*.safetensor*") if p.suffix in (".safetensors", presharded.FILE_SUFFIX)):
         rel = str(path.relative_to(ckpt.root))
         if not rel.startswith(output_format.WORK_DIR) and rel not in listed:
             report.add(Finding(CHECK, "fail", f"{rel}: not listed in the manifest"))
@@ -68,15 +70,21 @@ def check_config_block(ckpt: ConvertedCheckpoint, report: Report) -> None:
         except ConvertError as exc:
             problems.append(f"shape {par.dirname}: {exc}")
             continue
-        if (entry.tp, entry.ep) in seen:
-            problems.append(f"shape {par.dirname} listed twice")
-        seen.add((entry.tp, entry.ep))
+        if entry.dir in seen:
+            problems.append(f"shape {entry.key} listed twice")
+        seen.add(entry.dir)
+        if entry.format != block.format:
+            problems.append(f"shape {entry.key}: format {entry.format!r} in a {block.format!r} folder")
         expect = {
             "moe_tp": par.moe_tp,
             "padded_intermediate_size": par.padded_intermediate_size(ckpt.shape),
             "experts_per_rank": par.experts_per_rank(ckpt.shape),
-            "dir": output_format.shape_dir(par),
         }
+        if entry.format == "experts":
+            expect["dir"] = output_format.shape_dir(par)
+        elif not entry.dir.startswith(output_format.presharded_root(block.moe_runner_backend, str(entry.gpu_arch)) + "/"):
+            problems.append(f"shape {entry.key}: folder is not under the root named for backend "
+                            f"{block.moe_runner_backend} and GPU {entry.gpu_arch}")
         for key, want in expect.items():
             if getattr(entry, key) != want:
                 problems.append(f"shape {par.dirname}: {key} = {getattr(entry, key)!r}, expected {want!r}")
@@ -93,6 +101,8 @@ def check_config_block(ckpt: ConvertedCheckpoint, report: Report) -> None:
 def check_shape_files(ckpt: ConvertedCheckpoint, report: Report) -> None:
     """Per shape: every rank's parts present, metadata and tensor shapes as planned, experts covered once."""
     for entry in ckpt.block.shapes:
+        if entry.format != "experts":
+            continue
         try:
             entry.parallel.validate(ckpt.shape)
         except ConvertError:
@@ -177,7 +187,7 @@ def check_padding_and_scales(ckpt: ConvertedCheckpoint, report: Report, layers: 
             entry.parallel.validate(ckpt.shape)
         except ConvertError:
             continue
-        label = entry.parallel.dirname
+        label = entry.key
         bad = 0
         for g in ckpt.ranks(entry):
             ip, real, ipb, real_b = g.padded_intermediate_size, g.real_rows, g.padded_scale_rows, g.real_scale_rows
@@ -226,6 +236,15 @@ def check_padding_and_scales(ckpt: ConvertedCheckpoint, report: Report, layers: 
 
 
 def check_index(ckpt: ConvertedCheckpoint, report: Report) -> None:
+    if ckpt.block.format == "presharded":
+        strays = sorted(p.name for p in ckpt.root.glob("*.safetensors")) + \
+            ([output_format.INDEX_NAME] if (ckpt.root / output_format.INDEX_NAME).exists() else [])
+        for name in strays:
+            report.add(Finding(CHECK, "fail", f"{name}: a presharded folder holds no top-level weights (SGLang's "
+                                              "default loader would load them and leave every other tensor unset)"))
+        if not strays:
+            report.add(Finding(CHECK, "pass", "no top-level weights: only --load-format presharded can load this folder"))
+        return
     try:
         weight_map = ckpt.weight_map()
     except ConvertError as exc:
@@ -249,9 +268,102 @@ def check_index(ckpt: ConvertedCheckpoint, report: Report) -> None:
         report.add(Finding(CHECK, "pass", f"index: {len(weight_map)} non-expert tensors in {len(files)} shard(s)"))
 
 
+def check_presharded(ckpt: ConvertedCheckpoint, report: Report) -> None:
+    """Per presharded folder: the key SGLang computes, READY, checksum.json, every rank's reads, every
+    stored tensor re-hashed against its key, every rank checksum recomputed by SGLang's rule."""
+    for entry in ckpt.block.shapes:
+        if entry.format != "presharded":
+            continue
+        label = entry.key
+        problems: list[tuple[str, int | None]] = []
+        try:
+            expected = presharded.launch_state(OutputView(ckpt), PreshardedTarget(entry.parallel, entry.gpu_arch or ""))
+        except ConvertError as exc:
+            report.add(Finding(CHECK, "fail", f"cannot derive SGLang's state for this launch: {exc}", shape=label))
+            continue
+        folder = ckpt.root / entry.dir
+        if entry.dir != expected.folder:
+            problems.append((f"SGLang looks for {expected.folder}, not {entry.dir}: the launch would not find this "
+                             "folder (config.json or the shape changed?)", None))
+        problems += [(p, None) for p in _ready_problems(folder, entry.tp)]
+        try:
+            plan = ckpt.checksum(entry)
+            reads = ckpt.reads(entry)
+        except ConvertError as exc:
+            report.add(Finding(CHECK, "fail", str(exc), shape=label))
+            continue
+        if plan.get("version") != presharded.PLAN_VERSION or plan.get("world_size") != entry.tp:
+            problems.append((f"checksum.json: version {plan.get('version')!r}, world_size {plan.get('world_size')!r}; "
+                             f"SGLang needs {presharded.PLAN_VERSION} and {entry.tp}", None))
+        if plan.get("shard_config") != expected.shard_config:
+            problems.append(("checksum.json: shard_config is not the one SGLang computes for this launch", None))
+        listed = {f.get("filename") for f in plan.get("files", []) if isinstance(f, dict)}
+        on_disk = {p.name for p in folder.glob(f"*{presharded.FILE_SUFFIX}")}
+        problems += [(f"{name}: not listed in checksum.json", None) for name in sorted(on_disk - listed)]
+        hashed: dict[tuple[str, str], str] = {}
+        for rank in entry.present_ranks:
+            problems += [(p, rank) for p in _rank_problems(ckpt, entry, rank, expected.states[rank], reads, plan, hashed)]
+        for message, rank in problems[:50]:
+            report.add(Finding(CHECK, "fail", message, shape=label, rank=rank))
+        if not problems:
+            report.add(Finding(CHECK, "pass", f"SGLang's key, READY, checksum.json; {len(entry.present_ranks)} ranks read "
+                                              f"every parameter; {len(hashed)} stored tensors re-hashed to their keys; "
+                                              "rank checksums recomputed", shape=label))
+
+
+def _ready_problems(folder: Path, world_size: int) -> list[str]:
+    ready = folder / presharded.READY_NAME
+    if not ready.is_file():
+        return [f"{presharded.READY_NAME}: missing, so SGLang would not use the folder"]
+    try:
+        d = json.loads(ready.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return [f"{presharded.READY_NAME}: not readable JSON"]
+    if not isinstance(d, dict) or d.get("plan_version") != presharded.PLAN_VERSION or d.get("world_size") != world_size:
+        return [f"{presharded.READY_NAME}: plan_version or world_size does not match checksum.json"]
+    return []
+
+
+def _rank_problems(ckpt: ConvertedCheckpoint, entry, rank: int, state, reads, plan, hashed) -> list[str]:
+    folder = ckpt.root / entry.dir
+    problems = []
+    names = {n for r, n in reads if r == rank}
+    want = {t.name: t for t in state}
+    problems += [f"reads no {n} (SGLang's loader would stop: missing key)" for n in sorted(set(want) - names)[:5]]
+    problems += [f"reads {n}, which SGLang's model does not have" for n in sorted(names - set(want))[:5]]
+    pairs = []
+    for name in sorted(names & set(want)):
+        file_name, key = reads[(rank, name)]
+        t = want[name]
+        pairs.append((name, key))
+        path = folder / file_name
+        if not path.is_file():
+            problems.append(f"{file_name}: missing (rank {rank} reads {name} from it)")
+            continue
+        info = ckpt.file(path).tensors.get(key)
+        if info is None:
+            problems.append(f"{file_name}: has no tensor {key} ({name})")
+            continue
+        if info.dtype != t.dtype or info.shape != t.shape:
+            problems.append(f"{file_name}: {name} is {info.dtype} {list(info.shape)}, SGLang holds {t.dtype} {list(t.shape)}")
+            continue
+        if (file_name, key) not in hashed:
+            h = presharded.content_hasher(str(info.torch_dtype), info.shape)
+            h.update(tensor_bytes(ckpt.file(path).read(key)))
+            hashed[(file_name, key)] = h.hexdigest()
+        if hashed[(file_name, key)] != key:
+            problems.append(f"{file_name}: {name} no longer hashes to its key {key} (verify_on_load would fail)")
+    expected_sum = plan.get("rank_checksums", {}).get(str(rank))
+    if expected_sum != presharded.rank_checksum(pairs) and not problems:
+        problems.append(f"checksum.json: rank checksum {expected_sum!r} is not {presharded.rank_checksum(pairs)!r} "
+                        "(SGLang's rule over the rank's names and keys)")
+    return problems
+
+
 def run(ckpt: ConvertedCheckpoint, report: Report, layers: list[int] | None = None, on_bytes=None) -> None:
     check_manifest(ckpt, report, on_bytes)
     check_config_block(ckpt, report)
     check_index(ckpt, report)
     check_shape_files(ckpt, report)
+    check_presharded(ckpt, report)
     check_padding_and_scales(ckpt, report, layers)

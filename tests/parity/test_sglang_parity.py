@@ -71,7 +71,7 @@ def _converted(src: Path, root: Path, tp: int, ep: int) -> Path:
     key = (str(src), tp, ep)
     if key not in _OUT:
         out = root / f"{src.name}-tp{tp}-ep{ep}"
-        convert(src, out, ConvertOptions(profile="sglang", tp=tp, ep=ep, quiet=True))
+        convert(src, out, ConvertOptions(profile="sglang", format="experts", tp=tp, ep=ep, quiet=True))
         _OUT[key] = out
     return _OUT[key]
 
