@@ -233,7 +233,8 @@ def _remove_previous(out: Path, previous: Manifest) -> None:
     (out / output_format.MANIFEST_NAME).unlink(missing_ok=True)
 
 
-def _config_json(source: SourceCheckpoint, profile: str, fmt: str, shapes: list[ShapeEntry]) -> dict[str, Any]:
+def serving_config(source: SourceCheckpoint) -> dict[str, Any]:
+    """The output's config.json without the mm_convert block: what a serving engine reads."""
     config = dict(source.config)
     if source.kind != "fp8":
         # BF16 sources: only the routed experts become FP8; everything else stays as it was.
@@ -244,6 +245,11 @@ def _config_json(source: SourceCheckpoint, profile: str, fmt: str, shapes: list[
             "weight_block_size": [model.QUANT_BLOCK, model.QUANT_BLOCK],
             "modules_to_not_convert": ["self_attn", *model.MODULES_NOT_CONVERTED],
         }
+    return config
+
+
+def _config_json(source: SourceCheckpoint, profile: str, fmt: str, shapes: list[ShapeEntry]) -> dict[str, Any]:
+    config = serving_config(source)
     flags = get_profile(profile).flags
     block = ConfigBlock(
         format_version=output_format.FORMAT_VERSION,

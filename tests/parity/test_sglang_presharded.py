@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from convert import model
-from convert.execute import ConvertOptions, _config_json, convert
+from convert.execute import ConvertOptions, convert, serving_config
 from convert.quant import quantize_fp8_block
 from convert.source import SourceCheckpoint
 from convert.tiny import REAL_LAYER, TINY, make_synthetic
@@ -238,8 +238,7 @@ def standard_fp8_checkpoint(bf16: Path, out: Path) -> Path:
                 tensors[name], tensors[name + "_scale_inv"] = q, scale
             else:
                 tensors[name] = t
-        config = _config_json(src, "sglang", "presharded", [])
-    config.pop("mm_convert")
+        config = serving_config(src)
     save_file(tensors, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(config))
     return out
