@@ -7,7 +7,9 @@ intermediate 1536; FP8 = random bytes with random scales, BF16 = Gaussian), then
 and alternating between tasks each round:
 
   copy-fp8 / copy-bf16     a plain copy of the source files (the floor: read once, write once)
-  fp8->sglang-tp4          mm-convert convert, FP8 source
+  fp8->presharded-tp4      mm-convert convert, FP8 source, SGLang presharded (the sglang profile's
+                           default: a hashing pass over the source, then the write pass)
+  fp8->sglang-tp4          mm-convert convert --format experts, FP8 source
   fp8->trtllm-tp4          mm-convert convert, FP8 source
   bf16->sglang-tp4         mm-convert convert, BF16 source quantised to FP8
   fp8->trtllm+allthr,      the same conversions with torch's own default thread count (one per
@@ -139,7 +141,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/mmc-bench"))
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "convert.json")
     ap.add_argument("--llmcompressor-python", default=None, help="A Python with llmcompressor installed.")
-    ap.add_argument("--tasks", default="copy-fp8,fp8->sglang-tp4,fp8->trtllm-tp4,copy-bf16,bf16->sglang-tp4,llmc-bf16")
+    ap.add_argument("--tasks", default="copy-fp8,fp8->presharded-tp4,fp8->sglang-tp4,fp8->trtllm-tp4,copy-bf16,"
+                                       "bf16->sglang-tp4,llmc-bf16")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
@@ -148,14 +151,16 @@ def main() -> None:
     torch_default_threads = str(torch.get_num_threads())  # what torch would use if --threads did not set it
     tasks = {
         "copy-fp8": (py, COPY, "fp8", []),
-        "fp8->sglang-tp4": (py, CONVERT, "fp8", ["sglang"]),
+        "fp8->presharded-tp4": (py, CONVERT, "fp8", ["sglang", "--format", "presharded"]),
+        "fp8->sglang-tp4": (py, CONVERT, "fp8", ["sglang", "--format", "experts"]),
         "fp8->trtllm-tp4": (py, CONVERT, "fp8", ["trtllm"]),
         "copy-bf16": (py, COPY, "bf16", []),
-        "bf16->sglang-tp4": (py, CONVERT, "bf16", ["sglang"]),
+        "bf16->presharded-tp4": (py, CONVERT, "bf16", ["sglang", "--format", "presharded"]),
+        "bf16->sglang-tp4": (py, CONVERT, "bf16", ["sglang", "--format", "experts"]),
         "llmc-bf16": (args.llmcompressor_python, LLMC, "bf16", []),
         # The baseline for the --threads default: torch's own default of one thread per core.
         "fp8->trtllm+allthr": (py, CONVERT, "fp8", ["trtllm", "--threads", torch_default_threads]),
-        "bf16->sglang+allthr": (py, CONVERT, "bf16", ["sglang", "--threads", torch_default_threads]),
+        "bf16->sglang+allthr": (py, CONVERT, "bf16", ["sglang", "--format", "experts", "--threads", torch_default_threads]),
     }
     chosen = [t for t in args.tasks.split(",") if t in tasks and (t != "llmc-bf16" or args.llmcompressor_python)]
     sources = make_sources(args.work, args.layers, {tasks[t][2] for t in chosen})
@@ -194,12 +199,12 @@ def main() -> None:
            "command": " ".join(sys.argv)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2))
-    print(f"\n{'task':<18}{'wall s':>8}{'peak GiB':>10}{'GB in':>7}{'GB out':>8}{'MB/s in':>9}{'x copy':>8}")
+    print(f"\n{'task':<22}{'wall s':>8}{'peak GiB':>10}{'GB in':>7}{'GB out':>8}{'MB/s in':>9}{'x copy':>8}")
     for row in table:
         if "error" in row:
-            print(f"{row['task']:<18} ERROR {row['error'][-200:]}")
+            print(f"{row['task']:<22} ERROR {row['error'][-200:]}")
             continue
-        print(f"{row['task']:<18}{row['wall_s']:>8.1f}{row['peak_gib']:>10.2f}{row['gb_in']:>7.1f}{row['gb_out']:>8.1f}"
+        print(f"{row['task']:<22}{row['wall_s']:>8.1f}{row['peak_gib']:>10.2f}{row['gb_in']:>7.1f}{row['gb_out']:>8.1f}"
               f"{row['source_mb_s']:>9.0f}{(row['vs_copy'] or 0):>8.2f}")
     walls = {r["task"]: r["wall_s"] for r in table if "error" not in r}
     for default, all_threads in (("fp8->trtllm-tp4", "fp8->trtllm+allthr"), ("bf16->sglang-tp4", "bf16->sglang+allthr")):

@@ -9,10 +9,11 @@ written last.
 
 - `experts`: pass-through shards by copying bytes (plus their index), each rank's expert parts
   through the rank-tensor stream (convert/transform.py) into `FileSink`s.
-- `presharded`: the stream runs twice: first into `HashSink`s (every rank's content keys, which
-  name and deduplicate the stored tensors; kept in the work area so a rerun skips it), then into
-  `FileSink`s that write each file once, by the rank that produces it, re-checking every key.
-  `checksum.json` follows, and `READY` is renamed into place last.
+- `presharded`: a short pass hashes the non-expert tensors (about 2% of the bytes), so equal
+  contents are known before the layout is fixed; then one pass of the stream into `FileSink`s
+  writes each file once, by the rank that produces it, taking every tensor's content key as it
+  streams (the key names it in the file and in `checksum.json`); `checksum.json` follows, and
+  `READY` is renamed into place last.
 """
 
 from __future__ import annotations
@@ -460,8 +461,6 @@ def _write_experts(source: SourceCheckpoint, plan: ConversionPlan, work: WorkDir
 
 # -- presharded ------------------------------------------------------------------------------------
 
-KEYS_FILE = "content_keys.json"  # in the work area: the hashing pass's result, for a rerun
-
 
 def _with_previous_ranks(plan: PreshardedPlan, previous: Manifest) -> PreshardedPlan:
     """Converting more ranks of a folder that holds some keeps those: the folder covers both."""
@@ -473,78 +472,105 @@ def _with_previous_ranks(plan: PreshardedPlan, previous: Manifest) -> Presharded
     return plan
 
 
-def content_keys(source: SourceCheckpoint, plan: PreshardedPlan, chunk_bytes: int, device: str = "cpu",
-                 on_bytes: Callable[[int], None] = lambda n: None) -> list[list[str]]:
-    """SGLang's content hash of every tensor of every rank (the stored keys), by one pass of the stream.
+def _previous_keys(out: Path, lay: PreshardedLayout) -> dict[str, list[str]]:
+    """The content keys of files an earlier, finished conversion left in this folder (its checksum.json)."""
+    path = out / lay.plan.folder / presharded.CHECKSUM_NAME
+    try:
+        plan = json.loads(path.read_text())
+        reads = {(int(r), e["name"]): e["stored_key"] for r, items in plan["rank_to_reads"].items() for e in items}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+    keys = {}
+    for f, lf in zip(lay.files, lay.layout):
+        row = [reads.get(t.producer) for t in lf.tensors]
+        if all(isinstance(k, str) for k in row):
+            keys[f.path] = row
+    return keys
 
-    A non-expert tensor with the same recipe on several ranks (a replicated norm, a KV head shared
-    by two ranks) is made and hashed once.
-    """
+
+SMALL_KEYS_FILE = "small_keys.json"  # in the work area: the non-expert content keys, for a rerun
+
+
+def small_tensor_keys(source: SourceCheckpoint, plan: PreshardedPlan, chunk_bytes: int,
+                      on_bytes: Callable[[int], None] = lambda n: None) -> list[dict[str, str]]:
+    """The content key of every non-expert tensor of every rank; equal recipes are made and hashed once."""
     first: dict[tuple, tuple[int, str]] = {}
     wanted: list[list] = [[] for _ in plan.states]
     for r, state in enumerate(plan.states):
         for t in state:
-            alias = None if isinstance(t.recipe, sglang_state.ExpertTensor) else (t.recipe, t.dtype, t.shape)
-            if alias is None or alias not in first:
+            if isinstance(t.recipe, sglang_state.ExpertTensor):
+                continue
+            identity = sglang_state.recipe_identity(t)
+            if identity not in first:
+                first[identity] = (r, t.name)
                 wanted[r].append(t)
-                if alias is not None:
-                    first[alias] = (r, t.name)
     sinks = [HashSink(ts, on_bytes) for ts in wanted]
-    streams = [RankStream(g, state, sink) for g, state, sink in zip(plan.geometry, plan.states, sinks)]
-    run_stream(source, get_profile("sglang"), streams, chunk_bytes, device)
-    keys = []
-    for r, state in enumerate(plan.states):
-        row = []
+    streams = [RankStream(g, state, sink) for g, state, sink in zip(plan.geometry, plan.states, sinks) if sink.tensors]
+    run_stream(source, get_profile("sglang"), streams, chunk_bytes)
+    keys: list[dict[str, str]] = []
+    for state in plan.states:
+        row = {}
         for t in state:
-            key = sinks[r].keys.get(t.name)
-            if key is None:
-                owner, name = first[(t.recipe, t.dtype, t.shape)]
-                key = sinks[owner].keys[name]
-            row.append(key)
+            if not isinstance(t.recipe, sglang_state.ExpertTensor):
+                owner, name = first[sglang_state.recipe_identity(t)]
+                row[t.name] = sinks[owner].keys[name]
         keys.append(row)
     return keys
 
 
-def _cached_keys(work: WorkDir, plan: PreshardedPlan) -> list[list[str]] | None:
-    path = work.root / KEYS_FILE
-    if not path.is_file():
-        return None
+def _small_keys(source: SourceCheckpoint, plan: PreshardedPlan, work: WorkDir, options: ConvertOptions):
+    path = work.root / SMALL_KEYS_FILE
     try:
-        keys = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if (not isinstance(keys, list) or len(keys) != len(plan.states)
-            or any(not isinstance(k, list) or len(k) != len(s) for k, s in zip(keys, plan.states))
-            or any(not isinstance(x, str) or len(x) != presharded.CONTENT_HASH_HEX for k in keys for x in k)):
-        return None
+        cached = json.loads(path.read_text())
+        if isinstance(cached, list) and len(cached) == len(plan.states) and all(
+                isinstance(row, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in row.items())
+                for row in cached):
+            return cached
+    except (OSError, ValueError):
+        pass
+    small = sum(t.nbytes for state in plan.states for t in state if not isinstance(t.recipe, sglang_state.ExpertTensor))
+    with byte_bar(small, "hash non-expert tensors", options.quiet) as bar:
+        keys = small_tensor_keys(source, plan, options.chunk_bytes, bar.update)
+    atomic_write_bytes(path, json.dumps(keys).encode())
     return keys
 
 
 def _write_presharded(source: SourceCheckpoint, plan: PreshardedPlan, work: WorkDir, options: ConvertOptions,
                       previous: Manifest | None) -> tuple[_Written, PreshardedLayout]:
-    keys = _cached_keys(work, plan)
-    if keys is None:
-        with byte_bar(plan.state_bytes, f"hash {plan.parallel.label} (content keys)", options.quiet) as bar:
-            keys = content_keys(source, plan, options.chunk_bytes, options.device, bar.update)
-        atomic_write_bytes(work.root / KEYS_FILE, json.dumps(keys).encode())
-    lay = lay_out_presharded(plan, keys)
+    """One pass of the stream: each needed file written once, by the rank that produces it, with its
+    tensors' content keys taken as they stream; files a `--ranks` subset does not write are only hashed."""
+    lay = lay_out_presharded(plan, _small_keys(source, plan, work, options))
     written = _Written()
+    keys: dict[str, list[str]] = {}
+    earlier = _previous_keys(work.out, lay) if previous else {}
+    needed = {f.path for f in lay.needed}
     with byte_bar(lay.total_bytes, f"convert presharded {plan.parallel.label} {plan.target.gpu_arch}", options.quiet) as bar:
         progress = _Progress(work, previous, written, bar)
-        todo: dict[int, list[PlannedFile]] = {}
-        for f in lay.needed:
-            if not progress.done(f):
-                todo.setdefault(f.rank, []).append(f)  # type: ignore[arg-type]
-        sinks = {r: FileSink(work, files, progress.count, verify_keys=True) for r, files in todo.items()}
+        write: dict[int, list[PlannedFile]] = {}
+        hash_only: dict[int, list[PlannedFile]] = {}
+        for f in lay.files:
+            if f.path in needed and progress.done(f):
+                known = work.journal_keys(f.path) or earlier.get(f.path)
+                if known is not None and len(known) == len(f.tensors):
+                    keys[f.path] = known
+                    continue
+                written.records.pop(f.path)  # kept bytes but unknown keys: write it again
+                written.reused -= 1
+            (write if f.path in needed else hash_only).setdefault(f.rank, []).append(f)  # type: ignore[arg-type]
+        sinks = {r: FileSink(work, write.get(r, []), progress.count, hash_only.get(r, []))
+                 for r in sorted(set(write) | set(hash_only))}
         streams = [RankStream(plan.geometry[r], plan.states[r], sink) for r, sink in sinks.items()]
         run_stream(source, get_profile("sglang"), streams, options.chunk_bytes, options.device)
         for sink in sinks.values():
             for rec in sink.records:
                 written.records[rec.path] = rec
             written.data_files_written += len(sink.records)
+            keys.update(sink.keys)
+    checksum_plan = presharded.checksum_json(lay.layout, [keys[f.path] for f in lay.files], plan.parallel.tp,
+                                             plan.shard_config)
     checksum = f"{plan.folder}/{presharded.CHECKSUM_NAME}"
     ready = f"{plan.folder}/{presharded.READY_NAME}"
-    written.records[checksum] = _small_file(work, checksum, _json_bytes(lay.checksum))
+    written.records[checksum] = _small_file(work, checksum, _json_bytes(checksum_plan))
     written.records[ready] = _small_file(work, ready, _json_bytes(presharded.ready_json(plan.parallel.tp, f"mm-convert {__version__}")))
     written.last = (ready,)
     return written, lay

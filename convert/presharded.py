@@ -15,7 +15,8 @@ with SGLang's own loader in the SGLang tier (tests/parity):
   `xxh3_128(name + ":" + content_hash)` (`_fold_name_content_digest`). `READY` is written last;
   only its existence is read.
 
-Everything here is a pure function of (name, shape, dtype, content hash) lists.
+Everything here is a pure function of (name, shape, dtype, content hash) lists. mm-convert's own
+layout of files differs from SGLang's dump (which SGLang's loader does not read): see `layout`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import hashlib
 import json
 import shlex
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Hashable, Iterable, Sequence
 
 import xxhash
 
@@ -125,9 +126,8 @@ def launch_state(source: SourceView, target: PreshardedTarget) -> LaunchState:
 
 @dataclass(frozen=True)
 class StoredTensor:
-    """One stored copy of a content: the key it is stored under, and which (rank, name) hold it."""
+    """One stored copy of a content, and which (rank, parameter name) hold it."""
 
-    key: str  # the content hash
     dtype: str  # safetensors dtype name
     shape: tuple[int, ...]
     nbytes: int
@@ -165,34 +165,45 @@ def file_name(file_id: int, ranks: tuple[int, ...], is_common: bool) -> str:
     return f"model-{file_id:05d}-rank-{','.join(f'{r:03d}' for r in ranks)}{FILE_SUFFIX}"
 
 
-def layout(rank_states: Sequence[Sequence[RankTensor]], keys: Sequence[Sequence[str]],
-           max_file_bytes: int = MAX_FILE_BYTES) -> tuple[LayoutFile, ...]:
-    """Deduplicate by content, group by the set of ranks holding each content, split into files.
+def layer_group(name: str, num_layers: int) -> int:
+    """The layer a parameter belongs to: -1 before the first layer (the embedding), num_layers after."""
+    parts = name.split(".")
+    if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        return int(parts[2])
+    return -1 if "embed" in name else num_layers
 
-    `keys[r][i]` is the content hash of `rank_states[r][i]`. Within a group, contents keep the
-    order in which their producing rank's stream meets them (so a rank writes each file front to
-    back); a file closes before a tensor that would take it past `max_file_bytes`.
+
+def layout(rank_states: Sequence[Sequence[RankTensor]], identities: Sequence[Sequence[Hashable]],
+           num_layers: int, max_file_bytes: int = MAX_FILE_BYTES) -> tuple[LayoutFile, ...]:
+    """Store each content once, in files shared by exactly the ranks that hold it, one layer at a time.
+
+    `identities[r][i]` names the content of `rank_states[r][i]`: equal identities are proven equal
+    contents (the same recipe over the same source tensors, or all zeros of one shape), so they are
+    stored once. Files follow the layers (the embedding, each layer, then the final norm and
+    lm_head), so a conversion streams the source once, layer by layer, and a file's tensors keep
+    the order in which their producing rank meets them: each file is written front to back. A file
+    closes before a tensor that would take it past `max_file_bytes`.
     """
     world = len(rank_states)
-    holders: dict[str, list[tuple[int, str]]] = {}
-    first: dict[str, RankTensor] = {}
-    for r, (state, rank_keys) in enumerate(zip(rank_states, keys)):
-        for t, key in zip(state, rank_keys):
-            holders.setdefault(key, []).append((r, t.name))
-            if key in first and (first[key].dtype, first[key].shape) != (t.dtype, t.shape):
-                raise ValueError(f"content hash {key} is both {first[key].name} and {t.name} with other shapes")
-            first.setdefault(key, t)
-    groups: dict[tuple[int, ...], list[StoredTensor]] = {}
-    for key, hs in holders.items():  # dict order: the producing rank's stream order, ranks ascending
-        t = first[key]
-        stored = StoredTensor(key, t.dtype, t.shape, t.nbytes, tuple(hs))
-        groups.setdefault(stored.ranks, []).append(stored)
+    holders: dict[Hashable, list[tuple[int, str]]] = {}
+    first: dict[Hashable, RankTensor] = {}
+    for r, (state, ids) in enumerate(zip(rank_states, identities)):
+        for t, identity in zip(state, ids):
+            holders.setdefault(identity, []).append((r, t.name))
+            if identity in first and (first[identity].dtype, first[identity].shape) != (t.dtype, t.shape):
+                raise ValueError(f"{first[identity].name} and {t.name} share a content but not its dtype and shape")
+            first.setdefault(identity, t)
+    groups: dict[tuple[int, tuple[int, ...]], list[StoredTensor]] = {}
+    for identity, hs in holders.items():  # dict order: the producing rank's stream order, ranks ascending
+        t = first[identity]
+        stored = StoredTensor(t.dtype, t.shape, t.nbytes, tuple(hs))
+        groups.setdefault((layer_group(t.name, num_layers), stored.ranks), []).append(stored)
     files: list[LayoutFile] = []
-    for ranks in sorted(groups, key=lambda rs: (rs[0], -len(rs), rs)):
+    for group, ranks in sorted(groups, key=lambda g: (g[0], g[1][0], -len(g[1]), g[1])):
         is_common = ranks == tuple(range(world))
         current: list[StoredTensor] = []
         size = 0
-        for stored in groups[ranks]:
+        for stored in groups[(group, ranks)]:
             if current and size + stored.nbytes > max_file_bytes:
                 files.append(LayoutFile(file_name(len(files), ranks, is_common), ranks, is_common, tuple(current)))
                 current, size = [], 0
@@ -203,40 +214,43 @@ def layout(rank_states: Sequence[Sequence[RankTensor]], keys: Sequence[Sequence[
     return tuple(files)
 
 
-def checksum_json(files: Sequence[LayoutFile], world_size: int, config: dict[str, Any]) -> dict[str, Any]:
-    """The `checksum.json` SGLang's loader reads (`_build_dump_plan` plus `shard_config`)."""
-    rank_to_reads: dict[str, list[dict[str, Any]]] = {}
-    for f in files:
-        for t in f.tensors:
+def checksum_json(files: Sequence[LayoutFile], keys: Sequence[Sequence[str]], world_size: int,
+                  config: dict[str, Any]) -> dict[str, Any]:
+    """The `checksum.json` SGLang's loader reads (`_build_dump_plan` plus `shard_config`).
+
+    `keys[f][i]` is the content hash of `files[f].tensors[i]`. Two stored tensors of one file that
+    turn out to hold the same content are one entry (the file stores it once)."""
+    out_files, rank_to_reads = [], {}
+    for f, file_keys in zip(files, keys):
+        merged: dict[str, dict[str, list[str]]] = {}
+        sizes: dict[str, int] = {}
+        for t, key in zip(f.tensors, file_keys):
+            sizes[key] = t.nbytes
             for r, name in t.holders:
-                rank_to_reads.setdefault(str(r), []).append(
-                    {"filename": f.name, "stored_key": t.key, "name": name, "is_extra": False})
+                merged.setdefault(key, {}).setdefault(str(r), []).append(name)
+        out_files.append({
+            "filename": f.name,
+            "writer_rank": f.writer_rank,
+            "rank_list": None if f.is_common else list(f.ranks),
+            "is_common": f.is_common,
+            "tensors": [{"stored_key": key, "size": sizes[key], "rank_to_names": {r: sorted(ns) for r, ns in names.items()}}
+                        for key, names in merged.items()],
+        })
+        for key, names in merged.items():
+            for r, ns in names.items():
+                for name in sorted(ns):
+                    rank_to_reads.setdefault(r, []).append({"filename": f.name, "stored_key": key, "name": name,
+                                                            "is_extra": False})
     checksums = {str(r): rank_checksum((e["name"], e["stored_key"]) for e in rank_to_reads.get(str(r), []))
                  for r in range(world_size)}
     return {
         "version": PLAN_VERSION,
         "world_size": world_size,
-        "files": [
-            {
-                "filename": f.name,
-                "writer_rank": f.writer_rank,
-                "rank_list": None if f.is_common else list(f.ranks),
-                "is_common": f.is_common,
-                "tensors": [{"stored_key": t.key, "size": t.nbytes, "rank_to_names": _rank_to_names(t)} for t in f.tensors],
-            }
-            for f in files
-        ],
+        "files": out_files,
         "rank_to_reads": rank_to_reads,
         "rank_checksums": checksums,
         "shard_config": config,
     }
-
-
-def _rank_to_names(t: StoredTensor) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for r, name in t.holders:
-        out.setdefault(str(r), []).append(name)
-    return {r: sorted(names) for r, names in out.items()}
 
 
 def ready_json(world_size: int, tool: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ them with the layout profile.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Iterator
 
 import torch
@@ -79,7 +80,29 @@ def _whole(source: SourceCheckpoint, a: Assemble, dtype: str, shape: tuple[int, 
     return torch.cat(list(assemble(source, a, probe, piece_bytes=1 << 62)), dim=0).reshape(shape)
 
 
-def produce(source: SourceCheckpoint, t: RankTensor, piece_bytes: int = DEFAULT_PIECE_BYTES) -> Iterator[torch.Tensor]:
+class RequantCache:
+    """The latest SM100 re-quantisations made (one per rank): a layer's weight and its scales are
+    two tensors of each rank's stream, from one computation."""
+
+    def __init__(self, capacity: int = 16) -> None:
+        self.capacity = capacity
+        self._made: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def get(self, source: SourceCheckpoint, r: Ue8m0Requant) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (r.weight, r.scale)
+        if key not in self._made:
+            # Small (one attention projection of one rank) and blockwise over the whole matrix: made whole.
+            weight = _whole(source, r.weight, "F8_E4M3", r.weight_shape)
+            n, k = r.weight_shape
+            scale = _whole(source, r.scale, "F32", (-(-n // QUANT_BLOCK), -(-k // QUANT_BLOCK)))
+            self._made[key] = requant_ue8m0(weight, scale)
+            while len(self._made) > self.capacity:
+                self._made.popitem(last=False)
+        return self._made[key]
+
+
+def produce(source: SourceCheckpoint, t: RankTensor, piece_bytes: int = DEFAULT_PIECE_BYTES,
+            requant: RequantCache | None = None) -> Iterator[torch.Tensor]:
     """The bytes of a non-expert rank tensor, as contiguous CPU pieces in order."""
     r = t.recipe
     if isinstance(r, Assemble):
@@ -87,11 +110,7 @@ def produce(source: SourceCheckpoint, t: RankTensor, piece_bytes: int = DEFAULT_
     elif isinstance(r, Constant):
         yield torch.full(t.shape, r.value, dtype=DTYPES[t.dtype][0])
     elif isinstance(r, Ue8m0Requant):
-        # Small (one attention projection of one rank) and blockwise over the whole matrix: made whole.
-        weight = _whole(source, r.weight, "F8_E4M3", r.weight_shape)
-        n, k = r.weight_shape
-        scale = _whole(source, r.scale, "F32", (-(-n // QUANT_BLOCK), -(-k // QUANT_BLOCK)))
-        q, packed = requant_ue8m0(weight, scale)
+        q, packed = (requant or RequantCache()).get(source, r)
         yield (q if r.part == "weight" else packed).contiguous()
     else:
         raise ValueError(f"{t.name}: {type(r).__name__} is not a non-expert recipe")

@@ -207,6 +207,17 @@ def encode_header(entries: list[HeaderEntry] | tuple[HeaderEntry, ...], metadata
     return len(text).to_bytes(8, "little") + text
 
 
+def encode_header_exact(entries: list[HeaderEntry] | tuple[HeaderEntry, ...], length: int) -> bytes:
+    """A metadata-free header padded with spaces to exactly `length` bytes (length prefix included):
+    the header written in place of a placeholder of that length once the real names are known."""
+    obj = {e.name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.offset, e.offset + e.nbytes]} for e in entries}
+    text = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+    if 8 + len(text) > length:
+        raise ValueError(f"header of {8 + len(text)} bytes does not fit the {length} reserved")
+    text += b" " * (length - 8 - len(text))
+    return len(text).to_bytes(8, "little") + text
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's storage, without copying (no numpy needed)."""
     if t.device.type != "cpu" or not t.is_contiguous():

@@ -33,6 +33,7 @@ from convert.model import QUANT_BLOCK, ModelShape
 from convert.output_format import EXPERT_DTYPES, EXPERT_TENSOR_KINDS, ExpertTensorKind, expert_tensor_name
 from convert.parallel import ParallelShape, RankGeometry
 from convert.profiles import get_profile
+from convert.quant import packed_ue8m0_scale_shape
 from convert.safetensors_file import DTYPES
 
 SGLANG_VERSION = "0.5.23"
@@ -215,8 +216,6 @@ def _fp8_linear(name: str, weight: Assemble, scale: Assemble, shape: tuple[int, 
     if gpu_arch == "sm90":
         return [RankTensor(f"{name}.weight", "F8_E4M3", shape, weight),
                 RankTensor(f"{name}.weight_scale_inv", "F32", scale_shape, scale)]
-    from convert.quant import packed_ue8m0_scale_shape
-
     return [
         RankTensor(f"{name}.weight", "F8_E4M3", shape, Ue8m0Requant(weight, scale, shape, "weight")),
         RankTensor(f"{name}.weight_scale_inv", "I32", packed_ue8m0_scale_shape(shape), Ue8m0Requant(weight, scale, shape, "scale"),
@@ -307,6 +306,18 @@ def rank_state(source: SourceView, target: PreshardedTarget, rank: int) -> tuple
     tensors.append(RankTensor("model.norm.weight", dtype, (m.hidden_size,), _whole("model.norm.weight", m.hidden_size)))
     tensors.append(_vocab("lm_head.weight", m.vocab_size, m.hidden_size, tp, rank, dtype))
     return tuple(tensors)
+
+
+def recipe_identity(t: RankTensor) -> tuple:
+    """Non-expert tensors with equal recipes hold equal bytes (the same slice of the same source, cast
+    the same way: a replicated norm, a KV head two ranks share, the constant kv scales)."""
+    return ("recipe", t.recipe, t.dtype, t.shape)
+
+
+def expert_identity(t: RankTensor, g: RankGeometry) -> tuple:
+    """An expert tensor of a rank that holds no intermediate rows is all zeros of its shape (stored
+    once for every layer and every such rank); any other expert tensor is its own."""
+    return ("zeros", t.dtype, t.shape) if g.real_rows == 0 else ("expert", g.rank, t.name)
 
 
 def sources_of(recipe: Recipe) -> tuple[str, ...]:

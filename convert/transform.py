@@ -32,7 +32,7 @@ import torch
 from convert import model, output_format
 from convert.parallel import RankGeometry
 from convert.profiles import Down, GateUp, Profile, sglang_down_scale, sglang_gate_up_scale, sglang_gate_up_segments
-from convert.rank_tensors import produce
+from convert.rank_tensors import RequantCache, produce
 from convert.read_experts import DOWN, GATE_UP, Raw, read_raw, ready
 from convert.sglang_state import ExpertTensor, RankTensor
 from convert.source import SourceCheckpoint
@@ -341,6 +341,8 @@ def run_stream(source: SourceCheckpoint, profile: Profile, streams: list[RankStr
     piece_bytes = piece_bytes or min(chunk_bytes, 64 * 1024 * 1024)
     m = source.shape
 
+    requant = RequantCache(capacity=2 * len(streams))
+
     def read_all(out: queue.Queue) -> None:
         try:
             for item in _work(source, streams, chunk_bytes):
@@ -359,7 +361,7 @@ def run_stream(source: SourceCheckpoint, profile: Profile, streams: list[RankStr
                         return
                 else:
                     rank, tensor = item
-                    for data in produce(source, tensor, piece_bytes):
+                    for data in produce(source, tensor, piece_bytes, requant):
                         if not _put(out, Piece(rank, tensor.name, data), failure):
                             return
             _put(out, None, failure)

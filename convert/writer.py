@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,19 +37,25 @@ from convert.output_format import WORK_DIR
 
 
 class StagedFile:
-    """One output file written front to back, hashed on the way, renamed only when complete."""
+    """One output file written front to back, hashed on the way, renamed only when complete.
 
-    def __init__(self, work: "WorkDir", rel_path: str, expected_size: int | None = None):
+    With `header_last`, the first bytes written are a placeholder the caller overwrites when the
+    file is complete (`finish(header=...)`): then the sha256 is taken by reading the finished file
+    back (it is still in the page cache), and `truncate` can take back the tail just written.
+    """
+
+    def __init__(self, work: "WorkDir", rel_path: str, expected_size: int | None = None, header_last: bool = False):
         self.work = work
         self.rel_path = rel_path
         self.final = work.staged_path(rel_path)
         self.partial = self.final.with_name(self.final.name + PARTIAL_SUFFIX)
         self.expected_size = expected_size
+        self.header_last = header_last
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        self._hash = hashlib.sha256()
+        self._hash = None if header_last else hashlib.sha256()
         self._written = 0
         try:
-            self._f = open(self.partial, "wb")
+            self._f = open(self.partial, "w+b" if header_last else "wb")
         except OSError as exc:
             raise write_error(self.partial, exc) from exc
 
@@ -62,16 +69,36 @@ class StagedFile:
         except OSError as exc:
             self.abort()
             raise write_error(self.partial, exc) from exc
-        self._hash.update(data)
+        if self._hash is not None:
+            self._hash.update(data)
         self._written += len(data)
 
-    def finish(self) -> FileRecord:
+    def truncate(self, size: int) -> None:
+        """Take back everything after `size` bytes (header_last files only: nothing was hashed yet)."""
+        if self._hash is not None or not 0 <= size <= self._written:
+            raise ValueError(f"{self.partial}: cannot truncate to {size} of {self._written} bytes")
+        try:
+            self._f.seek(size)
+            self._f.truncate()
+        except OSError as exc:
+            self.abort()
+            raise write_error(self.partial, exc) from exc
+        self._written = size
+
+    def finish(self, header: bytes | None = None, keys: list[str] | None = None) -> FileRecord:
+        """Flush, fsync, rename and journal (with `keys`, the content keys of its planned tensors)."""
         if self.expected_size is not None and self._written != self.expected_size:
             self.abort()
             raise ConvertError(f"{self.partial}: wrote {self._written} bytes, planned {self.expected_size}")
         try:
+            if header is not None:
+                self._f.flush()
+                os.pwrite(self._f.fileno(), header, 0)
             self._f.flush()
             os.fsync(self._f.fileno())
+            if self._hash is None:
+                self._f.seek(0)
+                self._hash = hashlib.file_digest(self._f, "sha256")
             self._f.close()
             os.replace(self.partial, self.final)
             fsync_dir(self.final.parent)
@@ -79,7 +106,7 @@ class StagedFile:
             self.abort()
             raise write_error(self.partial, exc) from exc
         record = FileRecord(self.rel_path, self._written, self._hash.hexdigest())
-        self.work.record(record)
+        self.work.record(record, keys)
         return record
 
     def abort(self) -> None:
@@ -98,6 +125,7 @@ class WorkDir:
         self.journal_path = self.root / "journal.jsonl"
         self.fingerprint_path = self.root / "fingerprint.json"
         self._lock_fd: int | None = None
+        self._journal_lock = threading.Lock()  # files are finished on several threads
 
     # -- locking ---------------------------------------------------------------------------------
 
@@ -149,10 +177,13 @@ class WorkDir:
     def staged_path(self, rel_path: str) -> Path:
         return self.staging / rel_path
 
-    def record(self, rec: FileRecord) -> None:
-        line = json.dumps({"path": rec.path, "size": rec.size, "sha256": rec.sha256}) + "\n"
+    def record(self, rec: FileRecord, keys: list[str] | None = None) -> None:
+        entry = {"path": rec.path, "size": rec.size, "sha256": rec.sha256}
+        if keys is not None:
+            entry["keys"] = keys
+        line = json.dumps(entry) + "\n"
         try:
-            with open(self.journal_path, "a") as f:
+            with self._journal_lock, open(self.journal_path, "a") as f:
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
@@ -160,14 +191,25 @@ class WorkDir:
             raise write_error(self.journal_path, exc) from exc
 
     def journal(self) -> dict[str, FileRecord]:
-        records: dict[str, FileRecord] = {}
+        return {path: rec for path, (rec, _) in self._journal().items()}
+
+    def journal_keys(self, rel_path: str) -> list[str] | None:
+        """The content keys a journaled presharded file was written with."""
+        entry = self._journal().get(rel_path)
+        return entry[1] if entry else None
+
+    def _journal(self) -> dict[str, tuple[FileRecord, list[str] | None]]:
+        records: dict[str, tuple[FileRecord, list[str] | None]] = {}
         if not self.journal_path.exists():
             return records
         for line in self.journal_path.read_text().splitlines():
             try:
                 d = json.loads(line)
-                records[d["path"]] = FileRecord(d["path"], int(d["size"]), d["sha256"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                keys = d.get("keys")
+                if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+                    continue
+                records[d["path"]] = (FileRecord(d["path"], int(d["size"]), d["sha256"]), keys)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
                 continue  # a torn last line from a crash: that file is simply redone
         return records
 
@@ -184,14 +226,15 @@ class WorkDir:
         # A crash during commit can leave a journaled file already moved to its final name.
         candidates = [(journaled, self.staged_path(rel_path)), (journaled, final), (known, final)]
         for rec, path in candidates:
-            if rec is None or rec.size != planned_size or not path.is_file() or path.stat().st_size != rec.size:
+            # A presharded file may come out smaller than planned (a content repeated in it is kept once).
+            if rec is None or rec.size > planned_size or not path.is_file() or path.stat().st_size != rec.size:
                 continue
             if sha256_file(path, on_bytes) == rec.sha256:
                 return rec
         return None
 
-    def open(self, rel_path: str, expected_size: int | None = None) -> StagedFile:
-        return StagedFile(self, rel_path, expected_size)
+    def open(self, rel_path: str, expected_size: int | None = None, header_last: bool = False) -> StagedFile:
+        return StagedFile(self, rel_path, expected_size, header_last)
 
     def commit(self, rel_paths: list[str]) -> None:
         """Move staged files to their final names (each rename atomic), then drop the work area."""

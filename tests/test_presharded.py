@@ -92,21 +92,36 @@ def test_all_zero_rank_is_deduplicated(tp4):
 
 
 def test_dedup_layout_rules():
-    """Contents held by the same ranks share files, in the producer's stream order, split at the limit."""
+    """Equal contents are stored once, in files shared by exactly the ranks that hold them, layer by
+    layer, in the producing rank's stream order, split at the size limit; a content that turns out
+    repeated within a file is one entry of checksum.json."""
     def t(name: str, n: int) -> RankTensor:
         return RankTensor(name, "U8", (n,), Assemble(0, (Rows("x", 0, n),)))
 
-    states = [[t("a", 10), t("b", 10), t("c", 10)], [t("a", 10), t("b", 10), t("c", 10)]]
-    keys = [["k_common", "k_b0", "k_c"], ["k_common", "k_b1", "k_c"]]
-    files = presharded.layout(states, keys, max_file_bytes=15)
-    assert [(f.name, [s.key for s in f.tensors]) for f in files] == [
-        ("model-00000-common.safetensor", ["k_common"]),
-        ("model-00001-common.safetensor", ["k_c"]),
-        ("model-00002-rank-000.safetensor", ["k_b0"]),
-        ("model-00003-rank-001.safetensor", ["k_b1"]),
+    names = ["model.layers.0.a", "model.layers.0.b", "model.layers.0.c", "model.layers.1.a", "lm_head.weight"]
+    states = [[t(n, 10) for n in names] for _ in range(2)]
+    ids = [["a0", "b-rank0", "c", "a0", "head0"], ["a0", "b-rank1", "c", "a0", "head1"]]
+    files = presharded.layout(states, ids, num_layers=2, max_file_bytes=15)
+    assert [(f.name, [s.holders for s in f.tensors]) for f in files] == [
+        ("model-00000-common.safetensor", [((0, "model.layers.0.a"), (0, "model.layers.1.a"),
+                                            (1, "model.layers.0.a"), (1, "model.layers.1.a"))]),
+        ("model-00001-common.safetensor", [((0, "model.layers.0.c"), (1, "model.layers.0.c"))]),
+        ("model-00002-rank-000.safetensor", [((0, "model.layers.0.b"),)]),
+        ("model-00003-rank-001.safetensor", [((1, "model.layers.0.b"),)]),
+        ("model-00004-rank-000.safetensor", [((0, "lm_head.weight"),)]),
+        ("model-00005-rank-001.safetensor", [((1, "lm_head.weight"),)]),
     ]
-    plan = presharded.checksum_json(files, 2, {"tp": 2})
-    assert [r["name"] for r in plan["rank_to_reads"]["1"]] == ["a", "c", "b"]
+    keys = [["k_a"], ["k_c"], ["k_b0"], ["k_b1"], ["k_h0"], ["k_h1"]]
+    plan = presharded.checksum_json(files, keys, 2, {"tp": 2})
+    assert [(r["name"], r["stored_key"]) for r in plan["rank_to_reads"]["1"]] == [
+        ("model.layers.0.a", "k_a"), ("model.layers.1.a", "k_a"), ("model.layers.0.c", "k_c"),
+        ("model.layers.0.b", "k_b1"), ("lm_head.weight", "k_h1")]
+    # two stored tensors of one file found to hold the same bytes: one entry, both names
+    twice = presharded.LayoutFile("f.safetensor", (0,), False, (
+        presharded.StoredTensor("U8", (10,), 10, ((0, "x"),)), presharded.StoredTensor("U8", (10,), 10, ((0, "y"),))))
+    merged = presharded.checksum_json([twice], [["k", "k"]], 1, {})
+    assert merged["files"][0]["tensors"] == [{"stored_key": "k", "size": 10, "rank_to_names": {"0": ["x", "y"]}}]
+    assert [r["name"] for r in merged["rank_to_reads"]["0"]] == ["x", "y"]
 
 
 def test_vocab_rows_follow_vocab_parallel_embedding():
