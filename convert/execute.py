@@ -267,33 +267,15 @@ def _config_json(source: SourceCheckpoint, profile: str, fmt: str, shapes: list[
 
 
 def shape_entry(plan: ConversionPlan) -> ShapeEntry:
-    return ShapeEntry(
-        tp=plan.parallel.tp,
-        ep=plan.parallel.ep,
-        moe_tp=plan.parallel.moe_tp,
-        padded_intermediate_size=plan.padded_intermediate_size,
-        experts_per_rank=plan.ranks[0].num_local_experts,
-        parts_per_rank=len(plan.part_groups),
-        dir=output_format.shape_dir(plan.parallel),
-    )
+    return ShapeEntry.of(plan.parallel, plan.model, parts_per_rank=len(plan.part_groups),
+                         dir=output_format.shape_dir(plan.parallel))
 
 
 def presharded_shape_entry(plan: PreshardedPlan, data_files: int) -> ShapeEntry:
     every_rank = len(plan.ranks) == plan.parallel.tp
-    return ShapeEntry(
-        tp=plan.parallel.tp,
-        ep=plan.parallel.ep,
-        moe_tp=plan.parallel.moe_tp,
-        padded_intermediate_size=plan.padded_intermediate_size,
-        experts_per_rank=plan.geometry[0].num_local_experts,
-        parts_per_rank=0,
-        dir=plan.folder,
-        format="presharded",
-        gpu_arch=plan.target.gpu_arch,
-        sglang_version=sglang_state.SGLANG_VERSION,
-        ranks=None if every_rank else plan.ranks,
-        data_files=data_files,
-    )
+    return ShapeEntry.of(plan.parallel, plan.model, parts_per_rank=0, dir=plan.folder, format="presharded",
+                         gpu_arch=plan.target.gpu_arch, sglang_version=sglang_state.SGLANG_VERSION,
+                         ranks=None if every_rank else plan.ranks, data_files=data_files)
 
 
 def census(out_paths: dict[str, Path], source: SourceCheckpoint) -> Census:

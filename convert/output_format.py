@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from convert.errors import ConvertError
+from convert.model import ModelShape
 from convert.parallel import ParallelShape
 
 FORMAT_VERSION = 1
@@ -103,6 +104,13 @@ class ShapeEntry:
     def __post_init__(self) -> None:
         if self.ranks is not None:
             object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
+
+    @classmethod
+    def of(cls, parallel: ParallelShape, model: ModelShape, **rest: Any) -> "ShapeEntry":
+        """The entry of a launch shape: its sizes from the model, the rest (folder, format...) as given."""
+        return cls(tp=parallel.tp, ep=parallel.ep, moe_tp=parallel.moe_tp,
+                   padded_intermediate_size=parallel.padded_intermediate_size(model),
+                   experts_per_rank=parallel.experts_per_rank(model), **rest)
 
     @property
     def parallel(self) -> ParallelShape:
