@@ -47,13 +47,15 @@ def _validation_table(manifest: Manifest) -> list[str]:
     out = []
     for shape, summary in sorted(manifest.validation.items()):
         checks = summary.get("checks", {})
-        verdict = "passed" if summary.get("passed") else "FAILED"
+        verdict = "passed" if summary.get("passed") else "INCOMPLETE" if summary.get("incomplete") else "FAILED"
         counts = ", ".join(f"{c}: {v.get('pass', 0)} pass / {v.get('fail', 0)} fail" for c, v in sorted(checks.items()))
         out.append(f"**{shape}: {verdict}** ({counts}; "
                    f"{'checked against the source' if summary.get('source_checked') else 'without the source'}; "
                    f"kernel `{summary.get('kernel')}`, {summary.get('tokens')} tokens per layer).")
         if summary.get("kernel_note"):
             out.append(f"Kernel selection: {summary['kernel_note']}.")
+        for line in summary.get("not_run") or []:
+            out.append(f"Not run: `{line}`" + (" (allowed by --allow-skip)." if summary.get("allow_skip") else "."))
         rows = summary.get("kernel_rows") or []
         if rows:
             out += ["", "| shape | layer | rel L2 | cosine | max abs | in FlashInfer tolerance | status |", "|---|---|---|---|---|---|---|"]

@@ -6,6 +6,7 @@ Every failure is one line on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -24,6 +25,7 @@ app = typer.Typer(
 )
 
 EXIT_FAILED = 1
+EXIT_INCOMPLETE = 3  # validate: nothing failed, but a check asked for did not run
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> None:
@@ -120,7 +122,7 @@ def convert(
                                  chunk_bytes=parse_size(chunk_size, "--chunk-size"), torch_threads=threads,
                                  source_repo=record.repo_id if record else None,
                                  source_revision=record.revision if record else None,
-                                 source_sha256=record.sha256s() if record else {}),
+                                 source_sha256=record.sha256s(Path(source_path)) if record else {}),
     )
     plan = result.plan
     typer.echo(
@@ -143,21 +145,27 @@ def validate(
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda for the reference backend (default: cuda if present)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full JSON report here."),
     record: bool = typer.Option(False, "--record", help="Also record the summary in OUT/mm_convert.json (for the model card)."),
-    checks: str = typer.Option("structure,exact,kernel", "--checks", help="Which checks to run (exact needs --source)."),
+    checks: Optional[str] = typer.Option(None, "--checks", help="Which checks to run: structure, exact, kernel "
+                                         "(default: all; exact only with --source). One that cannot run fails."),
+    allow_skip: bool = typer.Option(False, "--allow-skip", help="Pass even if a check could not run here "
+                                    "(e.g. --kernel trtllm off Blackwell); without it that exits 3."),
 ):
     """Prove a converted checkpoint complete, exact and kernel-ready; exit non-zero if any check fails."""
     from validators.run import parse_layers, record_summary
     from validators.run import validate as run_validate
 
+    if report is not None and not report.parent.resolve().is_dir():
+        _fail(f"--report {report}: the folder {report.parent} does not exist")
     result = run_validate(out, source, kernel, parse_layers(layers), tokens, seed, device,
-                          tuple(c.strip() for c in checks.split(",") if c.strip()))
+                          None if checks is None else tuple(c.strip() for c in checks.split(",") if c.strip()),
+                          allow_skip)
     typer.echo(result.render())
     if report is not None:
         result.save(report)
     if record:
         record_summary(out, result)
     if not result.passed:
-        raise typer.Exit(EXIT_FAILED)
+        raise typer.Exit(EXIT_INCOMPLETE if result.incomplete else EXIT_FAILED)
 
 
 @app.command()
@@ -230,16 +238,43 @@ def _release_big_buffers_to_the_os() -> None:
         pass  # not glibc: nothing to tune
 
 
-def main() -> None:
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console entry point: every failure is one line on stderr and a non-zero exit status."""
     _release_big_buffers_to_the_os()
+    args = sys.argv[1:] if argv is None else argv
+    command = typer.main.get_command(app)
     try:
-        app()
+        # standalone_mode=False: usage errors and Ctrl-C come back here instead of click's boxed messages.
+        code = command.main(args=args, prog_name="mm-convert", standalone_mode=False)
     except ConvertError as exc:
-        typer.echo(f"mm-convert: error: {exc}", err=True)
-        sys.exit(EXIT_FAILED)
-    except KeyboardInterrupt:
-        typer.echo("mm-convert: interrupted; finished files are kept and a rerun resumes", err=True)
-        sys.exit(130)
+        _die(str(exc), EXIT_FAILED)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        _die("interrupted; finished files are kept and a rerun resumes", EXIT_INTERRUPTED)
+    except typer.TyperException as exc:  # usage errors: a bad option, a missing argument, an unknown command
+        ctx = getattr(exc, "ctx", None)
+        where = f"mm-convert {ctx.info_name}" if ctx is not None and ctx.parent is not None else "mm-convert"
+        _die(" ".join(exc.format_message().split()) + f" (see {where} --help)", getattr(exc, "exit_code", EXIT_USAGE))
+    except OSError as exc:  # a file the command was pointed at, with the system's reason
+        _die(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), EXIT_FAILED)
+    except Exception as exc:  # noqa: BLE001 - never a traceback on the command line
+        if os.environ.get("MM_CONVERT_TRACEBACK"):
+            raise
+        _die(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())} (a bug: please report it; "
+             "set MM_CONVERT_TRACEBACK=1 to see where)", EXIT_FAILED)
+    if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into this exit status; no command of ours returns it
+        _die("interrupted; finished files are kept and a rerun resumes", EXIT_INTERRUPTED)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _die(message: str, code: int) -> None:
+    typer.echo(f"mm-convert: error: {message}", err=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import torch
 from convert import __version__, model, output_format
 from convert.card import license_from_source, render_card
 from convert.errors import ConvertError
-from convert.fsutil import FileRecord, atomic_write_bytes
+from convert.fsutil import FileRecord, atomic_write_bytes, confined, read_small_file
 from convert.manifest import Census, DtypeCount, Manifest, SourceIdentity, new_manifest
 from convert.output_format import ConfigBlock, ShapeEntry
 from convert.parallel import ParallelShape
@@ -49,6 +49,7 @@ from convert.profiles import get_profile
 from convert.recipe import ConvertSpec
 from convert.progress import byte_bar
 from convert.safetensors_file import read_header
+from convert.digests import DigestCollector
 from convert.sinks import FileSink, HashSink
 from convert.sglang_state import DEFAULT_GPU_ARCH, PreshardedTarget
 from convert.source import SourceCheckpoint
@@ -142,7 +143,8 @@ class ConvertResult:
 # -- writing -------------------------------------------------------------------------------------
 
 
-def copy_shard(source: SourceCheckpoint, planned: PlannedFile, work: WorkDir, on_bytes: Callable[[int], None]) -> FileRecord:
+def copy_shard(source: SourceCheckpoint, planned: PlannedFile, work: WorkDir, on_bytes: Callable[[int], None],
+               digests: DigestCollector | None = None) -> FileRecord:
     """A non-expert shard: the planned header, then each source tensor's bytes unchanged."""
     writer = work.open(planned.path, planned.size)
     header = planned.header
@@ -151,10 +153,24 @@ def copy_shard(source: SourceCheckpoint, planned: PlannedFile, work: WorkDir, on
     buffer = torch.empty(COPY_CHUNK, dtype=torch.uint8)
     for t in planned.tensors:
         assert t.source is not None and writer.written == len(header) + t.offset
-        for chunk in source.read_chunks(t.source, buffer):
-            writer.write(chunk)
-            on_bytes(len(chunk))
+        _stream_tensor(source, t.source, buffer, digests, writer.write, on_bytes)
     return writer.finish()
+
+
+def _stream_tensor(source: SourceCheckpoint, name: str, buffer: torch.Tensor, digests: DigestCollector | None,
+                   write: Callable[[memoryview], None] | None = None, on_bytes: Callable[[int], None] = lambda n: None
+                   ) -> None:
+    """A source tensor's bytes, in pieces: written (if `write`) and digested (if `digests`)."""
+    total, seen = source.info(name).nbytes, 0
+    for chunk in source.read_chunks(name, buffer):
+        seen += len(chunk)
+        if write is not None:
+            write(chunk)
+        if digests is not None:
+            digests.add_tensor(name, chunk, last=seen == total)
+        on_bytes(len(chunk))
+    if total == 0 and digests is not None:
+        digests.add_tensor(name, b"", last=True)
 
 
 # -- the whole conversion ------------------------------------------------------------------------
@@ -187,7 +203,7 @@ def _fingerprint(source: SourceCheckpoint, options: ConvertOptions) -> dict[str,
     return {
         "tool_version": __version__,
         "format_version": output_format.FORMAT_VERSION,
-        "source_files": [[f.name, f.size, f.mtime_ns, f.header_sha256] for f in source.files],
+        "source_files": [[f.name, f.size, f.mtime_ns, f.inode, f.header_sha256] for f in source.files],
         "source_repo": options.source_repo,
         "source_revision": options.source_revision,
         **options.recipe_record(),
@@ -196,8 +212,13 @@ def _fingerprint(source: SourceCheckpoint, options: ConvertOptions) -> dict[str,
 
 
 def _check_out_folder(out: Path, source: SourceCheckpoint) -> None:
-    if out.resolve() == source.root:
+    resolved = out.resolve()
+    if resolved == source.root:
         raise ConvertError(f"{out}: the output folder is the source folder; a source is never modified")
+    if source.root in resolved.parents:
+        raise ConvertError(f"{out}: inside the source folder {source.root}; a source is never modified, choose another")
+    if resolved in source.root.parents:
+        raise ConvertError(f"{out}: holds the source folder {source.root}; choose an output folder outside it")
     if out.exists() and not out.is_dir():
         raise ConvertError(f"{out}: exists and is not a folder")
     if out.is_dir():
@@ -207,31 +228,58 @@ def _check_out_folder(out: Path, source: SourceCheckpoint) -> None:
             raise ConvertError(f"{out}: not empty and holds no mm-convert output; choose an empty or new folder")
 
 
-def _previous(out: Path, identity: SourceIdentity, profile: str, fmt: str, overwrite: bool) -> Manifest | None:
-    """A finished conversion already in `out` that this one may extend with another parallel shape."""
+def _previous(out: Path, identity: SourceIdentity, profile: str, fmt: str, overwrite: bool
+              ) -> tuple[Manifest | None, Manifest | None]:
+    """(a finished conversion in `out` this one extends, one it replaces with --overwrite).
+
+    Nothing is removed here: a replaced conversion stays whole until the new one is complete (the
+    swap happens at commit), so a refused or failed run loses nothing."""
     if not (out / output_format.MANIFEST_NAME).exists():
-        return None
+        return None, None
     previous = Manifest.load(out)
     previous_format = previous.recipe.get("format", "experts")
     reason = None
     if not previous.source.same_weights(identity):
-        reason = "a different source"
+        reason = "a different source (or the same files changed since)"
     elif previous.profile != profile:
         reason = f"profile {previous.profile!r} (one profile per output folder)"
     elif previous_format != fmt:
         reason = f"format {previous_format!r} (one output format per folder)"
     if reason is None:
-        return previous
+        return previous, None
     if not overwrite:
         raise ConvertError(f"{out}: already holds a conversion of {reason}; pass --overwrite to replace it")
-    _remove_previous(out, previous)
-    return None
+    return None, previous
 
 
-def _remove_previous(out: Path, previous: Manifest) -> None:
-    for rec in previous.files:
-        (out / rec.path).unlink(missing_ok=True)
-    (out / output_format.MANIFEST_NAME).unlink(missing_ok=True)
+REPLACED_FILE = "replaced.json"  # in the work area: a replaced conversion's files still to remove
+
+
+def _swap_out(out: Path, work: WorkDir, replaced: Manifest | None, new_paths: set[str]) -> list[str]:
+    """Before the commit: drop the replaced conversion's manifest (no stale folder may look complete),
+    noting its files in the work area so a rerun after a crash finishes the removal."""
+    note = work.root / REPLACED_FILE
+    stale = sorted({r.path for r in replaced.files} - new_paths) if replaced else []
+    if note.exists():
+        stale = sorted(set(stale) | {p for p in json.loads(note.read_bytes()) if isinstance(p, str)} - new_paths)
+    if replaced is not None:
+        atomic_write_bytes(note, json.dumps(stale).encode())
+        (out / output_format.MANIFEST_NAME).unlink(missing_ok=True)
+    return stale
+
+
+def _remove_stale(out: Path, stale: list[str], where: str) -> None:
+    """Remove files of a replaced conversion (each proven inside OUT first), and folders left empty."""
+    for rel in stale:
+        path = confined(out, rel, where)
+        path.unlink(missing_ok=True)
+        for parent in path.parents:
+            if parent == out or out not in parent.parents:
+                break
+            try:
+                parent.rmdir()  # only when empty
+            except OSError:
+                break
 
 
 def serving_config(source: SourceCheckpoint) -> dict[str, Any]:
@@ -278,7 +326,8 @@ def presharded_shape_entry(plan: PreshardedPlan, data_files: int) -> ShapeEntry:
                          ranks=None if every_rank else plan.ranks, data_files=data_files)
 
 
-def census(out_paths: dict[str, Path], source: SourceCheckpoint) -> Census:
+def census(out_paths: dict[str, Path], source: SourceCheckpoint, fmt: str = "experts") -> Census:
+    """Tensors and bytes on both sides; the sums must close (no source tensor silently dropped)."""
     by_dtype: dict[str, list[int]] = {}
     expert = other = 0
     for path in out_paths.values():
@@ -293,13 +342,20 @@ def census(out_paths: dict[str, Path], source: SourceCheckpoint) -> Census:
             else:
                 other += 1
     src_expert = sum(1 for n in source.tensors if model.parse_expert_name(n))
-    return Census(
+    not_loaded = sum(1 for n in source.tensors if sglang_state.not_loaded_by_sglang(n, source.config)) \
+        if fmt == "presharded" else 0
+    result = Census(
         source_expert_tensors=src_expert,
         source_other_tensors=len(source.tensors) - src_expert,
         output_expert_tensors=expert,
         output_other_tensors=other,
         output_by_dtype={k: DtypeCount(*v) for k, v in sorted(by_dtype.items())},
+        source_not_loaded=not_loaded,
     )
+    if fmt == "experts" and other != result.source_other_tensors:
+        raise ConvertError(f"census: the source has {result.source_other_tensors} non-expert tensors but the output "
+                           f"shards hold {other}; refusing to record an incomplete conversion")
+    return result
 
 
 def _small_file(work: WorkDir, rel: str, data: bytes) -> FileRecord:
@@ -360,21 +416,26 @@ def convert(source_dir: str | os.PathLike, out: str | os.PathLike, options: Conv
             raise ConvertError(f"--device {options.device}: no CUDA device is available here")
         identity = SourceIdentity.of(source, options.source_repo, options.source_revision, options.source_sha256)
         _check_out_folder(out, source)
-        previous = _previous(out, identity, options.profile, fmt, options.overwrite)
-        if isinstance(plan, PreshardedPlan) and previous is not None:
-            plan = _with_previous_ranks(plan, previous)
         work = WorkDir(out)
-        work.acquire()
+        work.acquire()  # first: a refused run must not have touched a finished conversion
         try:
+            previous, replaced = _previous(out, identity, options.profile, fmt, options.overwrite)
+            if isinstance(plan, PreshardedPlan) and previous is not None:
+                plan = _with_previous_ranks(plan, previous)
             work.check_fingerprint(_fingerprint(source, options), options.overwrite)
             threads = options.torch_threads or default_torch_threads()
+            digests = _digest_collector(source, work, previous)
             with _torch_threads(threads):
                 if isinstance(plan, ConversionPlan):
-                    written = _write_experts(source, plan, work, options, previous)
+                    written = _write_experts(source, plan, work, options, previous, digests)
                     new_shape = shape_entry(plan)
                 else:
-                    written, lay = _write_presharded(source, plan, work, options, previous)
+                    written, lay = _write_presharded(source, plan, work, options, previous, digests)
                     new_shape = presharded_shape_entry(plan, len(lay.needed))
+                source_digests = _finish_digests(source, digests)
+                if isinstance(plan, PreshardedPlan):
+                    for name in _not_recoverable(source, plan):
+                        source_digests.pop(name, None)
             for name in plan.auxiliary_files:
                 written.records[name] = _small_file(work, name, (source.root / name).read_bytes())
             records = written.records
@@ -390,16 +451,18 @@ def convert(source_dir: str | os.PathLike, out: str | os.PathLike, options: Conv
             validation = {k: v for k, v in (previous.validation if previous else {}).items()
                           if k != new_shape.key or not written.data_files_written}
             manifest = new_manifest(identity, options.profile, options.recipe_record(),
-                                    [asdict(s) for s in shapes], all_records, census(paths, source), validation)
+                                    [asdict(s) for s in shapes], all_records, census(paths, source, fmt), validation,
+                                    source_digests)
             card_text = render_card(config, manifest, license_from_source(source.root))
             records[output_format.MODEL_CARD_NAME] = _small_file(work, output_format.MODEL_CARD_NAME, card_text.encode())
             manifest.files = [r for r in manifest.files if r.path != output_format.MODEL_CARD_NAME] + \
                 [records[output_format.MODEL_CARD_NAME]]
+            replaced_files = _swap_out(out, work, replaced, set(records) | {r.path for r in kept})
             work.commit(sorted(p for p in records if p not in written.last) + list(written.last))
-            stale = previous.files if previous else []
-            for rec in stale:
-                if rec.path.startswith(new_shape.dir + "/") and rec.path not in records:
-                    (out / rec.path).unlink(missing_ok=True)
+            _remove_stale(out, replaced_files, f"{work.root / REPLACED_FILE}: entry")
+            stale = [r.path for r in (previous.files if previous else [])
+                     if r.path.startswith(new_shape.dir + "/") and r.path not in records]
+            _remove_stale(out, stale, f"{out / output_format.MANIFEST_NAME}: files entry")
             manifest.save(out)  # last: its presence means the folder is complete
             work.remove()
         finally:
@@ -412,14 +475,56 @@ def convert(source_dir: str | os.PathLike, out: str | os.PathLike, options: Conv
                          written.data_files_written, time.monotonic() - started, new_shape, launch)
 
 
+DIGESTS_FILE = "digests.json"  # in the work area: source digests completed so far, for a rerun
+
+
+def _digest_collector(source: SourceCheckpoint, work: WorkDir, previous: Manifest | None) -> DigestCollector:
+    """Digests already known (an earlier conversion of these same files, or this one's interrupted run)
+    plus the ones this run completes, each saved as it completes."""
+    known = dict(previous.source_digests) if previous else {}
+    try:
+        saved = json.loads(read_small_file(work.root / DIGESTS_FILE))
+        if isinstance(saved, dict):
+            known.update({str(k): str(v) for k, v in saved.items()})
+    except (ConvertError, ValueError):
+        pass
+
+    def save(done: dict[str, str]) -> None:
+        atomic_write_bytes(work.root / DIGESTS_FILE, json.dumps(done).encode())
+
+    return DigestCollector(source.shape.num_experts, done=known, on_done=save)
+
+
+def _not_recoverable(source: SourceCheckpoint, plan: PreshardedPlan) -> set[str]:
+    """Source tensors whose bytes a presharded folder does not hold as such (cast to the model's dtype,
+    or re-quantised for SM100): their digests cannot be checked from the folder, so none is kept."""
+    out = set()
+    for state in plan.states:
+        for t in state:
+            if isinstance(t.recipe, sglang_state.Ue8m0Requant):
+                out.update(sglang_state.sources_of(t.recipe))
+            elif isinstance(t.recipe, sglang_state.Assemble):
+                out.update(n for n in sglang_state.sources_of(t.recipe) if source.dtype_of(n) != t.dtype)
+    return out
+
+
+def _finish_digests(source: SourceCheckpoint, digests: DigestCollector) -> dict[str, str]:
+    """Every source tensor's digest: non-expert tensors not yet digested are read (about 2% of the bytes)."""
+    buffer = torch.empty(COPY_CHUNK, dtype=torch.uint8)
+    for name in source.non_expert_names():
+        if name not in digests.done:
+            _stream_tensor(source, name, buffer, digests)
+    return digests.done
+
+
 def _write_experts(source: SourceCheckpoint, plan: ConversionPlan, work: WorkDir, options: ConvertOptions,
-                   previous: Manifest | None) -> _Written:
+                   previous: Manifest | None, digests: DigestCollector | None = None) -> _Written:
     written = _Written()
     with byte_bar(plan.total_bytes, f"convert {plan.profile.name} {plan.parallel.label}", options.quiet) as bar:
         progress = _Progress(work, previous, written, bar)
         for shard in plan.shards:
             if not progress.done(shard):
-                written.records[shard.path] = copy_shard(source, shard, work, progress.count)
+                written.records[shard.path] = copy_shard(source, shard, work, progress.count, digests)
                 written.data_files_written += 1
         todo: dict[int, list[PlannedFile]] = {}
         for f in plan.expert_files:
@@ -428,7 +533,7 @@ def _write_experts(source: SourceCheckpoint, plan: ConversionPlan, work: WorkDir
         sinks = {r: FileSink(work, files, progress.count) for r, files in todo.items()}
         streams = [RankStream(plan.ranks[r], expert_stream(plan.model, plan.profile, plan.ranks[r]), sink)
                    for r, sink in sinks.items()]
-        run_stream(source, plan.profile, streams, options.chunk_bytes, options.device)
+        run_stream(source, plan.profile, streams, options.chunk_bytes, options.device, digests=digests)
         for sink in sinks.values():
             for rec in sink.records:
                 written.records[rec.path] = rec
@@ -518,7 +623,8 @@ def _small_keys(source: SourceCheckpoint, plan: PreshardedPlan, work: WorkDir, o
 
 
 def _write_presharded(source: SourceCheckpoint, plan: PreshardedPlan, work: WorkDir, options: ConvertOptions,
-                      previous: Manifest | None) -> tuple[_Written, PreshardedLayout]:
+                      previous: Manifest | None, digests: DigestCollector | None = None
+                      ) -> tuple[_Written, PreshardedLayout]:
     """One pass of the stream: each needed file written once, by the rank that produces it, with its
     tensors' content keys taken as they stream; files a `--ranks` subset does not write are only hashed."""
     lay = lay_out_presharded(plan, _small_keys(source, plan, work, options))
@@ -542,7 +648,7 @@ def _write_presharded(source: SourceCheckpoint, plan: PreshardedPlan, work: Work
         sinks = {r: FileSink(work, write.get(r, []), progress.count, hash_only.get(r, []))
                  for r in sorted(set(write) | set(hash_only))}
         streams = [RankStream(plan.geometry[r], plan.states[r], sink) for r, sink in sinks.items()]
-        run_stream(source, get_profile("sglang"), streams, options.chunk_bytes, options.device)
+        run_stream(source, get_profile("sglang"), streams, options.chunk_bytes, options.device, digests=digests)
         for sink in sinks.values():
             for rec in sink.records:
                 written.records[rec.path] = rec

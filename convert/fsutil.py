@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -68,13 +69,64 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise write_error(path, exc) from exc
 
 
-def read_json_object(path: Path) -> dict:
-    """A JSON object from a file, or a one-line ConvertError saying what is wrong with it."""
+MAX_JSON_BYTES = 256 * 1024 * 1024  # the index of a 96k-tensor checkpoint is about 10 MB
+
+
+def confined(root: Path, rel: object, where: str) -> Path:
+    """`root / rel` for a relative path read from a file (manifest, journal, index, checksum.json, a
+    Hub listing), refused in one line naming `where` unless it stays inside `root`: no absolute
+    path, no `..`, nothing that resolves (through a symbolic link) outside `root`."""
+    if not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel) or ".." in Path(rel).parts \
+            or rel.startswith("~"):
+        raise ConvertError(f"{where}: names {rel!r}, which is not a path inside {root}; refused")
+    path = root / rel
+    base = root.resolve()
+    resolved = path.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise ConvertError(f"{where}: {rel!r} resolves outside {root} ({resolved}); refused")
+    return path
+
+
+def regular_file_problem(path: Path) -> str | None:
+    """Why `path` is not a regular file one may read ("missing", "a directory", ...), or None."""
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        st = os.stat(path)
     except FileNotFoundError:
-        raise ConvertError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        return "missing"
+    except OSError as exc:
+        return f"not readable ({exc.strerror})"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    kind = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+            stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}.get(stat.S_IFMT(st.st_mode), "not a regular file")
+    return f"{kind}, not a regular file"
+
+
+def read_small_file(path: Path, limit: int = MAX_JSON_BYTES) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes: a FIFO, a device or a huge file is
+    refused before it is read (it could hang, or fill memory)."""
+    problem = regular_file_problem(path)
+    if problem:
+        raise ConvertError(f"{path}: {problem}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise ConvertError(f"{path}: cannot read ({exc.strerror})") from exc
+    if len(data) > limit:
+        raise ConvertError(f"{path}: larger than {limit} bytes; refused")
+    return data
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object from a small regular file, or a one-line ConvertError saying what is wrong."""
+    try:
+        obj = json.loads(read_small_file(path).decode("utf-8"))
+    except ConvertError as exc:
+        if regular_file_problem(path) == "missing":
+            raise ConvertError(f"{path}: missing") from None
+        raise exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ConvertError(f"{path}: not readable JSON ({type(exc).__name__})") from exc
     if not isinstance(obj, dict):
         raise ConvertError(f"{path}: not a JSON object")

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 from convert import model, output_format, presharded
 from convert.errors import ConvertError
-from convert.fsutil import atomic_write_bytes, sha256_file
+from convert.fsutil import atomic_write_bytes, confined, read_json_object, sha256_file
 from convert.manifest import Manifest
 from convert.progress import byte_bar
 from convert.source import INDEX_NAME, PICKLE_SUFFIXES
@@ -34,6 +34,7 @@ DOWNLOAD_RECORD = ".mm-convert-download.json"
 DISK_MARGIN = 1.02  # 2% slack on top of the bytes still to fetch
 DEFAULT_BATCH_BYTES = 50 * 10**9  # per commit: several commits for a 230 GB checkpoint
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
 _TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
 # Files published last, in the final commit: a repo without them never looks complete.
 FINAL_FILES = (output_format.MODEL_CARD_NAME, output_format.CONFIG_NAME, output_format.MANIFEST_NAME)
@@ -57,6 +58,20 @@ def _current_token() -> str | None:
 
 def looks_like_repo_id(text: str) -> bool:
     return bool(REPO_ID_RE.match(text)) and not Path(text).exists()
+
+
+def check_revision(revision: str | None) -> None:
+    """A branch, tag or commit name as the Hub accepts them; anything else (`../x`, spaces, control
+    characters) is refused here instead of being put into a URL."""
+    if revision is None:
+        return
+    if not REVISION_RE.match(revision) or ".." in revision or "//" in revision or revision.endswith(("/", ".lock")):
+        raise ConvertError(f"--revision {revision!r}: not a branch, tag or commit name")
+
+
+def check_repo_id(repo_id: str) -> None:
+    if not REPO_ID_RE.match(repo_id) or ".." in repo_id:
+        raise ConvertError(f"{repo_id!r} is not a Hub repo id (namespace/name)")
 
 
 def _api():
@@ -140,17 +155,36 @@ class DownloadRecord:
 
     @classmethod
     def load(cls, folder: Path) -> "DownloadRecord | None":
+        if not (folder / DOWNLOAD_RECORD).exists():
+            return None
         try:
-            d = json.loads((folder / DOWNLOAD_RECORD).read_text())
-            return cls(d["repo_id"], d["revision"], d.get("requested_revision"), d.get("files", {}))
-        except (OSError, ValueError, KeyError):
+            d = read_json_object(folder / DOWNLOAD_RECORD)
+            files = d.get("files", {})
+            for rel in files:
+                confined(folder, rel, f"{folder / DOWNLOAD_RECORD}: files entry")
+            return cls(str(d["repo_id"]), str(d["revision"]), d.get("requested_revision"), dict(files))
+        except ConvertError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
     def save(self, folder: Path) -> None:
         atomic_write_bytes(folder / DOWNLOAD_RECORD, (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode())
 
-    def sha256s(self) -> dict[str, str]:
-        return {p: f["sha256"] for p, f in self.files.items() if f.get("sha256")}
+    def sha256s(self, folder: Path) -> dict[str, str]:
+        """The Hub's sha256 of each file that is still the one verified on download (same size,
+        modification time and inode): an edited file's bytes are no longer what the Hub hashed."""
+        out = {}
+        for rel, f in self.files.items():
+            if not f.get("sha256"):
+                continue
+            try:
+                st = confined(folder, rel, f"{folder / DOWNLOAD_RECORD}: files entry").stat()
+            except OSError:
+                continue
+            if (st.st_size, st.st_mtime_ns) == (f.get("size"), f.get("mtime_ns")) and f.get("inode", st.st_ino) == st.st_ino:
+                out[rel] = f["sha256"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -164,6 +198,8 @@ class DownloadResult:
 
 def remote_files(repo_id: str, revision: str | None) -> tuple[str, list[RemoteFile]]:
     """Resolve `revision` to a commit sha and list the repo's files at that commit, with sizes and LFS sha256."""
+    check_repo_id(repo_id)
+    check_revision(revision)
     api = _api()
     try:
         info = api.model_info(repo_id, revision=revision)
@@ -175,6 +211,8 @@ def remote_files(repo_id: str, revision: str | None) -> tuple[str, list[RemoteFi
             RemoteFile(e.path, int(e.size), e.lfs.sha256 if getattr(e, "lfs", None) else None, e.blob_id)
             for e in entries if hasattr(e, "size")
         ]
+        for f in files:  # a listing is input like any other: no path may leave the download folder
+            confined(Path("."), f.path, f"{repo_id}@{sha[:12]}: the Hub's file listing")
     except ConvertError:
         raise
     except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many types; report one line
@@ -198,6 +236,8 @@ def download(repo_id: str, folder: str | Path, revision: str | None = None, quie
     large file's sha256 against the Hub's LFS oid, and record the result (a rerun skips verified files)."""
     started = time.monotonic()
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConvertError(f"{folder}: exists and is not a folder")
     sha, files = remote_files(repo_id, revision)
     needed = [f for f in files if wanted(f.path)]
     pickles = [f.path for f in files if f.path.endswith(PICKLE_SUFFIXES)]
@@ -235,7 +275,21 @@ def download(repo_id: str, folder: str | Path, revision: str | None = None, quie
             more = f" ({len(bad) - 1} more files also failed)" if len(bad) > 1 else ""
             raise ConvertError(f"{bad[0]}{more}")
     record.save(folder)
+    _check_shards_listed(folder, repo_id, sha, {f.path for f in files})
     return DownloadResult(folder, record, [f.path for f in todo], [f.path for f in done], time.monotonic() - started)
+
+
+def _check_shards_listed(folder: Path, repo_id: str, sha: str, listed: set[str]) -> None:
+    """A repo whose index names a shard it does not have is incomplete: say so now, not at convert time."""
+    if INDEX_NAME not in listed:
+        return
+    weight_map = read_json_object(folder / INDEX_NAME).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ConvertError(f"{folder / INDEX_NAME}: no weight_map")
+    missing = sorted({str(v) for v in weight_map.values()} - listed)
+    if missing:
+        raise ConvertError(f"{repo_id}@{sha[:12]}: its {INDEX_NAME} names {missing[0]}, which the repo does not have"
+                           + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""))
 
 
 def _partial_size(folder: Path, f: RemoteFile) -> int:
@@ -288,7 +342,8 @@ def _verify(folder: Path, f: RemoteFile, record: DownloadRecord, on_bytes) -> No
         _discard(folder, f.path)
         raise ConvertError(f"{path}: sha256 {digest[:16]}... does not match the Hub's {f.sha256[:16]}...; "
                            "removed, rerun to fetch it again")
-    record.files[f.path] = {"size": size, "sha256": digest, "mtime_ns": path.stat().st_mtime_ns}
+    st = path.stat()
+    record.files[f.path] = {"size": size, "sha256": digest, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
 
 
 def _discard(folder: Path, rel: str) -> None:
@@ -303,6 +358,8 @@ def cache_dir() -> Path:
 
 
 def source_folder_for(repo_id: str, revision: str | None) -> Path:
+    check_repo_id(repo_id)
+    check_revision(revision)
     return cache_dir() / (repo_id.replace("/", "--") + "@" + (revision or "main"))
 
 
@@ -328,10 +385,9 @@ def _git_blob_sha1(path: Path) -> str:
 
 
 def _inside(out: Path, rel: str) -> Path:
-    path = out / rel
-    resolved = path.resolve()
-    if out.resolve() not in resolved.parents or path.is_symlink():
-        raise ConvertError(f"{path}: outside {out} or a symbolic link; only files inside OUT are published")
+    path = confined(out, rel, f"{out / output_format.MANIFEST_NAME}: files entry")
+    if path.is_symlink():
+        raise ConvertError(f"{path}: a symbolic link; only files inside OUT are published")
     return path
 
 
@@ -361,8 +417,8 @@ def publish(out: str | Path, repo_id: str, private: bool = True, revision: str =
 
     started = time.monotonic()
     out = Path(out)
-    if not REPO_ID_RE.match(repo_id):
-        raise ConvertError(f"{repo_id!r} is not a Hub repo id (namespace/name)")
+    check_repo_id(repo_id)
+    check_revision(revision)
     manifest = Manifest.load(out)
     failed = [k for k, v in manifest.validation.items() if not v.get("passed")]
     if failed and not allow_failed_validation:

@@ -13,7 +13,7 @@ from typing import Any
 
 from convert import __version__
 from convert.errors import ConvertError
-from convert.fsutil import FileRecord, atomic_write_bytes
+from convert.fsutil import FileRecord, atomic_write_bytes, confined, read_json_object
 from convert.output_format import FORMAT_VERSION, MANIFEST_NAME
 from convert.source import SourceCheckpoint
 
@@ -25,12 +25,15 @@ class SourceFileEntry:
     name: str
     size: int
     header_sha256: str
-    sha256: str | None = None  # known when the file came from the Hub (its LFS oid, verified on download)
+    sha256: str | None = None  # the Hub's LFS oid, when the file as read is the one verified on download
+    mtime_ns: int | None = None  # with the inode: a file rewritten in place since is a different source
+    inode: int | None = None
 
 
 @dataclass(frozen=True)
 class SourceIdentity:
-    """Where the weights came from. `path` is informational; identity is repo/revision and the files."""
+    """Where the weights came from. `path` is the source folder's name (no local path is published);
+    identity is repo/revision and the files."""
 
     repo_id: str | None
     revision: str | None
@@ -45,19 +48,24 @@ class SourceIdentity:
         return cls(
             repo_id=repo_id,
             revision=revision,
-            path=str(source.root),
+            path=source.root.name,
             kind=source.kind,
-            files=tuple(SourceFileEntry(f.name, f.size, f.header_sha256, hashes.get(f.name)) for f in source.files),
+            files=tuple(SourceFileEntry(f.name, f.size, f.header_sha256, hashes.get(f.name), f.mtime_ns, f.inode)
+                        for f in source.files),
         )
 
     def same_weights(self, other: "SourceIdentity") -> bool:
-        """Same tensors: equal shard names, sizes and headers (and sha256 where both know it)."""
+        """Provably the same bytes: equal names and sizes, and either the same verified sha256 or the
+        same header, modification time and inode (a file rewritten in place changes its mtime)."""
         if len(self.files) != len(other.files):
             return False
         for a, b in zip(self.files, other.files):
-            if (a.name, a.size, a.header_sha256) != (b.name, b.size, b.header_sha256):
+            if (a.name, a.size) != (b.name, b.size):
                 return False
-            if a.sha256 and b.sha256 and a.sha256 != b.sha256:
+            if a.sha256 and b.sha256:
+                if a.sha256 != b.sha256:
+                    return False
+            elif (a.header_sha256, a.mtime_ns, a.inode) != (b.header_sha256, b.mtime_ns, b.inode) or a.mtime_ns is None:
                 return False
         return True
 
@@ -77,6 +85,7 @@ class Census:
     output_expert_tensors: int
     output_other_tensors: int
     output_by_dtype: dict[str, DtypeCount]
+    source_not_loaded: int = 0  # presharded: source tensors SGLang skips on purpose (MTP layers, inv_freq)
 
 
 @dataclass
@@ -91,6 +100,9 @@ class Manifest:
     files: list[FileRecord]
     census: Census
     validation: dict[str, Any] = field(default_factory=dict)
+    # convert/digests.py: what was read, so validate can undo the layout and compare without the source
+    source_digests: dict[str, str] = field(default_factory=dict)
+    digest_algorithm: str = "xxh3_128"
 
     def to_json(self) -> bytes:
         d = asdict(self)
@@ -101,7 +113,7 @@ class Manifest:
     def load(cls, out: Path) -> "Manifest":
         path = out / MANIFEST_NAME
         try:
-            d = json.loads(path.read_text())
+            d = read_json_object(path)
             src = d["source"]
             census = d["census"]
             return cls(
@@ -118,19 +130,24 @@ class Manifest:
                 profile=d["profile"],
                 recipe=d.get("recipe", {}),
                 shapes=list(d["shapes"]),
-                files=[FileRecord(f["path"], int(f["size"]), f["sha256"]) for f in d["files"]],
+                files=[FileRecord(_listed(out, path, f["path"]), int(f["size"]), str(f["sha256"])) for f in d["files"]],
                 census=Census(
                     source_expert_tensors=census["source_expert_tensors"],
                     source_other_tensors=census["source_other_tensors"],
                     output_expert_tensors=census["output_expert_tensors"],
                     output_other_tensors=census["output_other_tensors"],
                     output_by_dtype={k: DtypeCount(**v) for k, v in census["output_by_dtype"].items()},
+                    source_not_loaded=int(census.get("source_not_loaded", 0)),
                 ),
                 validation=d.get("validation") or {},
+                source_digests={str(k): str(v) for k, v in (d.get("source_digests") or {}).items()},
+                digest_algorithm=str(d.get("digest_algorithm", "xxh3_128")),
             )
-        except FileNotFoundError:
-            raise ConvertError(f"{path}: missing: the folder holds no finished conversion") from None
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except ConvertError as exc:
+            if not path.exists() and not path.is_symlink():
+                raise ConvertError(f"{path}: missing: the folder holds no finished conversion") from None
+            raise exc
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConvertError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
 
     def save(self, out: Path) -> None:
@@ -143,8 +160,15 @@ class Manifest:
         return None
 
 
+def _listed(out: Path, manifest: Path, rel: object) -> str:
+    """A file path the manifest lists, proven inside the output folder before anything opens or removes it."""
+    confined(out, rel, f"{manifest}: files entry")
+    return str(rel)
+
+
 def new_manifest(source: SourceIdentity, profile: str, recipe: dict[str, Any], shapes: list[dict[str, Any]],
-                 files: list[FileRecord], census: Census, validation: dict[str, Any] | None = None) -> Manifest:
+                 files: list[FileRecord], census: Census, validation: dict[str, Any] | None = None,
+                 source_digests: dict[str, str] | None = None) -> Manifest:
     return Manifest(
         tool=TOOL_NAME,
         tool_version=__version__,
@@ -156,4 +180,5 @@ def new_manifest(source: SourceIdentity, profile: str, recipe: dict[str, Any], s
         files=files,
         census=census,
         validation=validation or {},
+        source_digests=dict(sorted((source_digests or {}).items())),
     )

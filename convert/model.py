@@ -20,13 +20,17 @@ BASE_MODEL_REPO = "MiniMaxAI/MiniMax-M2.5"
 QUANT_BLOCK = 128
 FP8_DTYPE_NAME = "float8_e4m3fn"
 FP8_MAX = 448.0
+# A block scale above this makes 448 x scale overflow float32: the kernel's dequantised values would be inf.
+FP8_MAX_SCALE = 3.4028234663852886e38 / FP8_MAX
 MODULES_NOT_CONVERTED = ("gate", "e_score_correction_bias", "lm_head")
 
 Projection = Literal["w1", "w2", "w3"]
 PROJECTIONS: tuple[Projection, ...] = ("w1", "w2", "w3")
 
+# Canonical numbers only (no leading zeros): `layers.01` is not layer 1, it is some other tensor.
+_INDEX = r"(0|[1-9]\d*)"
 _EXPERT_RE = re.compile(
-    r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.(weight|weight_scale_inv)$"
+    rf"^model\.layers\.{_INDEX}\.block_sparse_moe\.experts\.{_INDEX}\.(w[123])\.(weight|weight_scale_inv)$"
 )
 
 

@@ -81,7 +81,8 @@ def parse_expert_tensor_name(name: str) -> tuple[int, ExpertTensorKind] | None:
     if not sep or kind not in EXPERT_TENSOR_KINDS or not prefix.startswith("model.layers."):
         return None
     layer = prefix[len("model.layers.") :]
-    return (int(layer), kind) if layer.isdigit() else None  # type: ignore[return-value]
+    canonical = layer.isdigit() and (layer == "0" or not layer.startswith("0"))
+    return (int(layer), kind) if canonical else None  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ def run_recipe(recipe: Recipe, quiet: bool = False) -> RunResult:
         r = convert(source, out, ConvertOptions.from_spec(
             spec, quiet=quiet, source_repo=record.repo_id if record else None,
             source_revision=record.revision if record else None,
-            source_sha256=record.sha256s() if record else {}, recipe_name=recipe.name))
+            source_sha256=record.sha256s(source) if record else {}, recipe_name=recipe.name))
         status = "done" if r.data_files_written else "skipped"
         detail = (f"{r.label} into {out}: {r.bytes_written / 1e6:.1f} MB written, "
                   f"{r.files_reused} files verified and kept")

@@ -254,6 +254,17 @@ class PreshardedPlan:
         return sum(t.nbytes for state in self.states for t in state)
 
 
+def _check_every_tensor_used(source: SourceCheckpoint, states) -> None:
+    """Every source tensor becomes part of some rank's state, or is one SGLang skips on purpose;
+    anything else would vanish silently (SGLang's own loader skips names it has no parameter for)."""
+    used = {name for state in states for t in state for name in sglang_state.sources_of(t.recipe)}
+    for name, info in source.tensors.items():
+        if name in used or source.is_expert(name) or sglang_state.not_loaded_by_sglang(name, source.config):
+            continue
+        raise ConvertError(f"{info.path}: tensor {name}: SGLang's MiniMax-M2 model has no parameter for it, so a "
+                           "presharded folder cannot hold it (SGLang's own loader would skip it silently); refused")
+
+
 def parse_ranks(text: str | None, tp: int) -> tuple[int, ...]:
     """`--ranks 0,1` (or `0-3`) -> the ranks to write; None: all of them."""
     if text is None or not str(text).strip():
@@ -278,6 +289,7 @@ def build_presharded_plan(source: SourceCheckpoint, target: PreshardedTarget, ra
     parallel = target.parallel
     parallel.validate(source.shape)
     launch = presharded.launch_state(source, target)
+    _check_every_tensor_used(source, launch.states)
     return PreshardedPlan(
         target=target,
         model=source.shape,

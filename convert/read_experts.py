@@ -53,9 +53,10 @@ def check_fp8(source: SourceCheckpoint, weight: torch.Tensor, names: list[str]) 
 
 
 def check_scales(source: SourceCheckpoint, scale: torch.Tensor, names: list[str], what: str) -> None:
-    bad = (~torch.isfinite(scale) | (scale <= 0)).flatten(1).any(1)
+    bad = (~torch.isfinite(scale) | (scale <= 0) | (scale > model.FP8_MAX_SCALE)).flatten(1).any(1)
     if bool(bad.any()):
-        _fail(source, bad, names, f"{what} holds non-finite or non-positive values")
+        _fail(source, bad, names, f"{what} holds non-finite, non-positive or overflowing values "
+                                  f"(448 x scale must stay below float32's maximum: scale <= {model.FP8_MAX_SCALE:.3g})")
 
 
 def read_raw(source: SourceCheckpoint, layer: int, experts: range, proj: model.Projection,

@@ -105,6 +105,14 @@ class Recipe:
         return Path(self.convert.output) if self.convert.output else self.work_path / "out"
 
 
+def _table(data: dict, key: str, where: str) -> dict:
+    """A recipe section: one TOML table ([source]), not a value (`source = 5`) or a list ([[source]])."""
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConvertError(f"{where}: {key} must be a table ([{key}]), not {type(value).__name__}")
+    return value
+
+
 def _check_keys(table: dict, allowed: set[str], where: str) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
@@ -131,7 +139,7 @@ def load_recipe(path: str | Path) -> Recipe:
     where = str(path)
     _check_keys(data, {"name", "work_dir", "source", "convert", "validate", "publish"}, where)
 
-    src = data.get("source", {})
+    src = _table(data, "source", where)
     _check_keys(src, {"repo_id", "revision", "path", "tiny"}, f"{where} [source]")
     tiny = src.get("tiny")
     if tiny is not None and not isinstance(tiny, dict):
@@ -149,7 +157,7 @@ def load_recipe(path: str | Path) -> Recipe:
     if len(chosen) != 1:
         raise ConvertError(f"{where} [source]: give exactly one of repo_id, path or tiny (got {chosen or 'none'})")
 
-    conv = data.get("convert", {})
+    conv = _table(data, "convert", where)
     _check_keys(conv, {f.name for f in fields(ConvertSpec)}, f"{where} [convert]")
     convert = ConvertSpec(
         profile=_typed(conv, "profile", str, where, "sglang"),
@@ -163,7 +171,7 @@ def load_recipe(path: str | Path) -> Recipe:
         ranks=_ranks(conv, where),
     )
 
-    val = data.get("validate", {})
+    val = _table(data, "validate", where)
     _check_keys(val, {f.name for f in fields(ValidateSpec)}, f"{where} [validate]")
     layers = val.get("layers", "auto")
     if layers == "auto":
@@ -183,7 +191,7 @@ def load_recipe(path: str | Path) -> Recipe:
         seed=_typed(val, "seed", int, where, 0),
     )
 
-    pub = data.get("publish", {})
+    pub = _table(data, "publish", where)
     _check_keys(pub, {f.name for f in fields(PublishSpec)}, f"{where} [publish]")
     publish = PublishSpec(
         enabled=_typed(pub, "enabled", bool, where, False),

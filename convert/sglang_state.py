@@ -320,6 +320,16 @@ def expert_identity(t: RankTensor, g: RankGeometry) -> tuple:
     return ("zeros", t.dtype, t.shape) if g.real_rows == 0 else ("expert", g.rank, t.name)
 
 
+def not_loaded_by_sglang(name: str, config: Mapping[str, Any]) -> bool:
+    """Source tensors SGLang's `MiniMaxM2ForCausalLM.load_weights` skips on purpose (minimax_m2.py
+    L1137-1154): rotary inverse frequencies and the speculative (MTP) layers past num_hidden_layers."""
+    if "rotary_emb.inv_freq" in name:
+        return True
+    mtp = config.get("num_mtp_modules") or 0
+    layers = config.get("num_hidden_layers") or 0
+    return isinstance(mtp, int) and any(name.startswith(f"model.layers.{layers + i}.") for i in range(mtp))
+
+
 def sources_of(recipe: Recipe) -> tuple[str, ...]:
     """The source tensors a (non-expert) recipe reads."""
     if isinstance(recipe, Assemble):

@@ -17,7 +17,7 @@ import torch
 
 from convert import model
 from convert.errors import ConvertError
-from convert.fsutil import read_json_object
+from convert.fsutil import confined, read_json_object, regular_file_problem
 from convert.model import ModelShape
 from convert.safetensors_file import TensorInfo, pread_into, read_header, tensor_bytes
 
@@ -37,6 +37,7 @@ class SourceFile:
     size: int
     mtime_ns: int
     header_sha256: str
+    inode: int = 0
 
 
 class SourceCheckpoint:
@@ -81,7 +82,7 @@ class SourceCheckpoint:
             path = _inside(root, name, INDEX_NAME)
             header = read_header(path)
             st = path.stat()
-            files.append(SourceFile(name, header.file_size, st.st_mtime_ns, header.header_sha256))
+            files.append(SourceFile(name, header.file_size, st.st_mtime_ns, header.header_sha256, st.st_ino))
             for info in header.tensors:
                 if info.name in tensors:
                     raise ConvertError(
@@ -100,7 +101,9 @@ class SourceCheckpoint:
                     )
 
         kind, expert_dtype = _check_experts(shape, tensors, config_path)
+        _check_quantization_config(config, kind, tensors, config_path)
         _check_router(shape, tensors, config_path)
+        _check_names(tensors)
         return cls(root, config, shape, tensors, tuple(files), kind, expert_dtype)
 
     # -- reading -------------------------------------------------------------------------------
@@ -193,15 +196,12 @@ class SourceCheckpoint:
 
 
 def _inside(root: Path, name: str, referrer: str) -> Path:
-    """Resolve a file name from the source and refuse anything that escapes the source folder."""
-    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
-        raise ConvertError(f"{root}: {referrer} names {name!r}, which is outside the source folder")
-    path = root / name
-    resolved = path.resolve()
-    if resolved != root and root not in resolved.parents:
-        raise ConvertError(f"{path}: {referrer} names a file that resolves outside the source folder ({resolved})")
-    if not resolved.is_file():
-        raise ConvertError(f"{path}: named by {referrer} but missing")
+    """A file named by the source (its index, its folder listing), confined to the source folder and
+    a regular file (a FIFO would hang the reader, a device would never end)."""
+    path = confined(root, name, f"{root / referrer}" if referrer == INDEX_NAME else f"{root}: {referrer}")
+    problem = regular_file_problem(path)
+    if problem:
+        raise ConvertError(f"{path}: named by {referrer} but {problem}")
     return path
 
 
@@ -293,6 +293,50 @@ def _require(tensors: dict[str, TensorInfo], name: str, shape: tuple[int, ...], 
     if info.shape != shape:
         raise ConvertError(f"{info.path}: tensor {name} has shape {list(info.shape)}, the config implies {list(shape)}")
     return info
+
+
+# What an FP8 source's quantization_config must say for its tensors to mean what they do here.
+FP8_QUANT_FIELDS = {"quant_method": ("fp8",), "fmt": ("float8_e4m3fn", "e4m3"), "activation_scheme": ("dynamic",)}
+
+
+def _check_quantization_config(config: dict, kind: SourceKind, tensors: dict[str, TensorInfo], config_path: Path) -> None:
+    """The config must describe the tensors: SGLang builds the model from the config, not from the bytes."""
+    q = config.get("quantization_config")
+    if kind != "fp8":
+        if isinstance(q, dict) and q.get("quant_method") not in (None,):
+            raise ConvertError(f"{config_path}: quantization_config.quant_method = {q.get('quant_method')!r}, "
+                               "but the routed experts are not quantised")
+        return
+    if not isinstance(q, dict):
+        raise ConvertError(f"{config_path}: the experts are FP8 but there is no quantization_config (SGLang would load "
+                           "them as plain weights)")
+    for name, allowed in FP8_QUANT_FIELDS.items():
+        if q.get(name) not in allowed:
+            raise ConvertError(f"{config_path}: quantization_config.{name} = {q.get(name)!r}; FP8 e4m3 block checkpoints "
+                               f"need {' or '.join(map(repr, allowed))}")
+    if q.get("weight_block_size") != [model.QUANT_BLOCK, model.QUANT_BLOCK]:
+        raise ConvertError(f"{config_path}: quantization_config.weight_block_size = {q.get('weight_block_size')!r}; "
+                           f"the scales are {model.QUANT_BLOCK}x{model.QUANT_BLOCK} blocks")
+    skipped = q.get("modules_to_not_convert") or []
+    if not isinstance(skipped, list) or not all(isinstance(m, str) for m in skipped):
+        raise ConvertError(f"{config_path}: quantization_config.modules_to_not_convert must be a list of names")
+    q_proj = tensors.get(model.attention_projection_names(0)[0])
+    attention_fp8 = q_proj is not None and q_proj.dtype == "F8_E4M3"
+    attention_skipped = any(m.strip(".") in ("self_attn", "model.layers.0.self_attn") for m in skipped)
+    if q_proj is not None and attention_fp8 == attention_skipped:
+        raise ConvertError(f"{config_path}: quantization_config.modules_to_not_convert "
+                           f"{'lists' if attention_skipped else 'does not list'} self_attn, but {q_proj.name} is "
+                           f"{q_proj.dtype}")
+
+
+def _check_names(tensors: dict[str, TensorInfo]) -> None:
+    """No source tensor may carry a name an output tensor is given (the output would hold two)."""
+    from convert.output_format import parse_expert_tensor_name
+
+    for name, info in tensors.items():
+        if parse_expert_tensor_name(name) is not None:
+            raise ConvertError(f"{info.path}: tensor {name} is named like a converted expert tensor; refused "
+                               "(is this folder already a conversion?)")
 
 
 def _check_router(shape: ModelShape, tensors: dict[str, TensorInfo], config_path: Path) -> None:

@@ -208,6 +208,8 @@ def make_synthetic(out: str | Path, spec: SyntheticSpec = TINY, dtype: str = "fp
     if dtype not in ("fp8", "bf16"):
         raise ConvertError(f"--dtype must be fp8 or bf16, got {dtype!r}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{out}: exists and is not a folder; make-tiny writes into an empty or new folder")
     if out.exists() and any(out.iterdir()):
         raise ConvertError(f"{out}: not empty; make-tiny writes into an empty or new folder")
     # Built in a sibling folder and renamed at the end: a crash never leaves a half-made source.

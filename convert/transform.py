@@ -32,6 +32,7 @@ import torch
 from convert import model, output_format
 from convert.parallel import RankGeometry
 from convert.profiles import Down, GateUp, Profile, sglang_down_scale, sglang_gate_up_scale, sglang_gate_up_segments
+from convert.digests import DigestCollector
 from convert.rank_tensors import RequantCache, produce
 from convert.read_experts import DOWN, GATE_UP, Raw, read_raw, ready
 from convert.sglang_state import ExpertTensor, RankTensor
@@ -263,8 +264,9 @@ class _Transform:
     """The calling thread's work: checks, quantisation and the profile's pack of each owner's share."""
 
     def __init__(self, source: SourceCheckpoint, profile: Profile, streams: dict[int, RankStream],
-                 pool: BufferPool, device: str):
+                 pool: BufferPool, device: str, digests: DigestCollector | None = None):
         self.source, self.profile, self.streams, self.pool, self.device = source, profile, streams, pool, device
+        self.digests = digests
         m = source.shape
         self.stream_gate_up = profile.name == "sglang" and device == "cpu"
         self.scratch: torch.Tensor | None = None
@@ -302,6 +304,9 @@ class _Transform:
             self.scratch = torch.empty(chunk.raw[0].weight.numel(), dtype=torch.float32, device=self.device)
         values = [ready(self.source, chunk.layer, chunk.experts, r, self.device, self.scratch,
                         self._quantised_buffer(chunk, r)) for r in chunk.raw]
+        if self.digests is not None:
+            for r, (weight, scale) in zip(chunk.raw, values):
+                self.digests.add_experts(chunk.layer, r.proj, chunk.experts, weight, scale)
         chunk.raw = []
         name = output_format.expert_tensor_name(chunk.layer, chunk.kind)
         shares = []
@@ -329,15 +334,16 @@ class _Transform:
 
 
 def run_stream(source: SourceCheckpoint, profile: Profile, streams: list[RankStream], chunk_bytes: int,
-               device: str = "cpu", piece_bytes: int | None = None) -> None:
-    """Every wanted tensor of every rank's stream into its sink; closes the sinks (aborts them on error)."""
+               device: str = "cpu", piece_bytes: int | None = None, digests: DigestCollector | None = None) -> None:
+    """Every wanted tensor of every rank's stream into its sink; closes the sinks (aborts them on error).
+    `digests` gets every chunk of source experts read (convert/digests.py)."""
     if not streams:
         return
     pool = BufferPool(pinned=device != "cpu")
     failure = _Failure()
     by_rank = {s.geometry.rank: s for s in streams}
     writers = {r: _RankWriter(s, pool, failure) for r, s in by_rank.items()}
-    transform = _Transform(source, profile, by_rank, pool, device)
+    transform = _Transform(source, profile, by_rank, pool, device, digests)
     piece_bytes = piece_bytes or min(chunk_bytes, 64 * 1024 * 1024)
     m = source.shape
 

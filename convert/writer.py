@@ -29,7 +29,9 @@ from convert.fsutil import (
     PARTIAL_SUFFIX,
     FileRecord,
     atomic_write_bytes,
+    confined,
     fsync_dir,
+    read_small_file,
     sha256_file,
     write_error,
 )
@@ -154,8 +156,8 @@ class WorkDir:
         """Start fresh, resume a matching run, or refuse (saying what differs) unless overwriting."""
         if self.fingerprint_path.exists():
             try:
-                previous = json.loads(self.fingerprint_path.read_text())
-            except (OSError, json.JSONDecodeError):
+                previous = json.loads(read_small_file(self.fingerprint_path))
+            except (ConvertError, ValueError):
                 previous = None
             if previous != fingerprint:
                 if not overwrite:
@@ -202,9 +204,10 @@ class WorkDir:
         records: dict[str, tuple[FileRecord, list[str] | None]] = {}
         if not self.journal_path.exists():
             return records
-        for line in self.journal_path.read_text().splitlines():
+        for line in read_small_file(self.journal_path).decode("utf-8", "replace").splitlines():
             try:
                 d = json.loads(line)
+                confined(self.out, d["path"], f"{self.journal_path}: entry")
                 keys = d.get("keys")
                 if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
                     continue

@@ -272,3 +272,44 @@ def test_convert_accepts_a_repo_id(hub, tiny_fp8, tmp_path):
 def test_hubserver_starts_on_its_own(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tests.hubserver", "--help"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0 and "--root" in r.stdout
+
+
+def _upload_source(hub: HubServer, home: Path, repo: str, folder: Path, ignore: list[str] | None = None) -> None:
+    code = (f"from huggingface_hub import HfApi; api = HfApi(); api.create_repo('{repo}', exist_ok=True); "
+            f"api.upload_folder(repo_id='{repo}', folder_path='{folder}', ignore_patterns={ignore or []!r})")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                   env={**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN,
+                        "HF_HOME": str(home)})
+
+
+def test_bad_revision_refused_before_any_request(hub, tmp_path):
+    for revision in ("../evil", "main/../x", "a b", "-rf"):
+        r = mm_convert(hub, tmp_path, "download", f"{USER}/x", tmp_path / "d", "--revision", revision, "-q")
+        assert r.returncode != 0 and "not a branch, tag or commit name" in r.stderr, (revision, r.stderr)
+    assert hub.count() == 0
+
+
+def test_repo_missing_a_shard_is_refused(hub, tiny_fp8, tmp_path):
+    index = json.loads((tiny_fp8 / "model.safetensors.index.json").read_text())
+    missing = sorted(set(index["weight_map"].values()))[1]
+    _upload_source(hub, tmp_path / "h0", f"{USER}/incomplete", tiny_fp8, ignore=[missing])
+    r = mm_convert(hub, tmp_path, "download", f"{USER}/incomplete", tmp_path / "d", "-q")
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
+    assert f"names {missing}, which the repo does not have" in r.stderr
+
+
+def test_provenance_records_what_was_read(hub, tiny_fp8, tmp_path):
+    """The Hub's sha256 is recorded only for files still as downloaded; an edited shard gets none."""
+    _upload_source(hub, tmp_path / "h0", f"{USER}/src", tiny_fp8)
+    folder = tmp_path / "d"
+    assert mm_convert(hub, tmp_path, "download", f"{USER}/src", folder, "-q").returncode == 0
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    edited = index["weight_map"]["model.layers.1.block_sparse_moe.experts.3.w3.weight"]
+    raw = bytearray((folder / edited).read_bytes())
+    raw[-50] ^= 0x01  # an FP8 byte of the last tensor in that shard: still a valid checkpoint
+    (folder / edited).write_bytes(bytes(raw))
+    r = mm_convert(hub, tmp_path, "convert", folder, tmp_path / "out", "--tp", "2", "-q")
+    assert r.returncode == 0, r.stderr
+    files = {f["name"]: f for f in json.loads((tmp_path / "out" / "mm_convert.json").read_text())["source"]["files"]}
+    assert files[edited]["sha256"] is None
+    assert all(f["sha256"] for name, f in files.items() if name != edited)

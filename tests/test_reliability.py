@@ -404,6 +404,60 @@ def _negative_scale(src: Path) -> None:
     _poke_tensor(src, SCALE, struct.pack("<f", -0.5), at=0)
 
 
+def _huge_scale(src: Path) -> None:
+    _poke_tensor(src, SCALE, struct.pack("<f", 3e38), at=4)  # finite, but 448 x 3e38 overflows float32
+
+
+def _quant_config(**change) -> Callable[[Path], None]:
+    """A damage that edits (or, with a None value, removes) fields of the source's quantization_config."""
+    def damage(src: Path) -> None:
+        config = json.loads((src / "config.json").read_text())
+        for key, value in change.items():
+            if key == "quantization_config" and value is None:
+                config.pop(key)
+            elif value is None:
+                config["quantization_config"].pop(key)
+            else:
+                config["quantization_config"][key] = value
+        (src / "config.json").write_text(json.dumps(config))
+    return damage
+
+
+def _replace_with_fifo(name: str) -> Callable[[Path], None]:
+    def damage(src: Path) -> None:
+        target = src / name if name != "<shard>" else _shard_of(src, EXPERT)
+        target.unlink()
+        os.mkfifo(target)
+    return damage
+
+
+def _shard_is_directory(src: Path) -> None:
+    target = _shard_of(src, EXPERT)
+    target.unlink()
+    target.mkdir()
+
+
+def _config_is_dev_zero(src: Path) -> None:
+    (src / "config.json").unlink()
+    os.symlink("/dev/zero", src / "config.json")
+
+
+def _add_tensor(name: str) -> Callable[[Path], None]:
+    """A damage that adds a small extra tensor called `name` to the last shard (and the index)."""
+    def damage(src: Path) -> None:
+        from safetensors.torch import load_file, save_file
+        import torch
+
+        index = _index(src)
+        shard = sorted(set(index["weight_map"].values()))[-1]
+        tensors = load_file(str(src / shard))
+        tensors[name] = torch.zeros(4, dtype=torch.bfloat16)
+        save_file(tensors, str(src / shard), metadata={"format": "pt"})
+        index["weight_map"][name] = shard
+        _write_index(src, index)
+    return damage
+
+
 def _pickle_only(src: Path) -> None:
     for p in list(src.glob("*.safetensors")) + [src / "model.safetensors.index.json"]:
         p.unlink()
@@ -412,9 +466,9 @@ def _pickle_only(src: Path) -> None:
 
 CASES = {
     # name: (damage, words the one-line message must contain)
-    "index-escapes-with-dotdot": (_point_index_at("../outside.safetensors"), ["model.safetensors.index.json", "outside the source folder"]),
-    "index-absolute-path": (_point_index_at("/etc/passwd"), ["/etc/passwd", "outside the source folder"]),
-    "index-symlink-escapes": (_symlink_escape, ["linked.safetensors", "resolves outside the source folder"]),
+    "index-escapes-with-dotdot": (_point_index_at("../outside.safetensors"), ["model.safetensors.index.json", "not a path inside"]),
+    "index-absolute-path": (_point_index_at("/etc/passwd"), ["/etc/passwd", "not a path inside"]),
+    "index-symlink-escapes": (_symlink_escape, ["linked.safetensors", "resolves outside"]),
     "index-names-missing-file": (_point_index_at("model-00009-of-00009.safetensors"), ["model-00009-of-00009.safetensors", "missing"]),
     "truncated-shard": (_truncate, [".safetensors", "truncated"]),
     "header-length-past-end": (_header_length_past_end, [".safetensors", "runs past the end of the file"]),
@@ -431,10 +485,29 @@ CASES = {
     "unsupported-dtype": (_unsupported_dtype, [EXPERT, "unsupported dtype 'F4'"]),
     "unsupported-expert-dtype": (_fp8_e5m2_experts, ["unsupported dtype F8_E5M2"]),
     "nan-in-weight": (_nan_weight, [EXPERT, "FP8 weight holds NaN"]),
-    "nan-in-scale": (_nan_scale, [SCALE, "non-finite or non-positive"]),
-    "inf-in-scale": (_inf_scale, [SCALE, "non-finite or non-positive"]),
-    "zero-scale": (_zero_scale, [SCALE, "non-finite or non-positive"]),
-    "negative-scale": (_negative_scale, [SCALE, "non-finite or non-positive"]),
+    "nan-in-scale": (_nan_scale, [SCALE, "non-finite, non-positive or overflowing"]),
+    "inf-in-scale": (_inf_scale, [SCALE, "non-finite, non-positive or overflowing"]),
+    "zero-scale": (_zero_scale, [SCALE, "non-finite, non-positive or overflowing"]),
+    "negative-scale": (_negative_scale, [SCALE, "non-finite, non-positive or overflowing"]),
+    "scale-overflows-the-kernel": (_huge_scale, [SCALE, "overflowing", "7.6e+35"]),
+    # quantization_config must describe the tensors (SGLang builds the model from it)
+    "quant-config-block-64": (_quant_config(weight_block_size=[64, 64]), ["config.json", "weight_block_size = [64, 64]"]),
+    "quant-config-block-1x128": (_quant_config(weight_block_size=[1, 128]), ["config.json", "weight_block_size = [1, 128]"]),
+    "quant-config-e5m2": (_quant_config(fmt="float8_e5m2"), ["config.json", "fmt = 'float8_e5m2'"]),
+    "quant-config-static": (_quant_config(activation_scheme="static"), ["config.json", "activation_scheme = 'static'"]),
+    "quant-config-missing": (_quant_config(quantization_config=None), ["config.json", "no quantization_config"]),
+    # files that are not regular files: never read (a FIFO would hang, /dev/zero never ends)
+    "config-is-a-fifo": (_replace_with_fifo("config.json"), ["config.json", "a FIFO, not a regular file"]),
+    "index-is-a-fifo": (_replace_with_fifo("model.safetensors.index.json"), ["index.json", "a FIFO, not a regular file"]),
+    "config-links-to-dev-zero": (_config_is_dev_zero, ["config.json", "a character device"]),
+    "shard-is-a-fifo": (_replace_with_fifo("<shard>"), [".safetensors", "a FIFO, not a regular file"]),
+    "shard-is-a-directory": (_shard_is_directory, [".safetensors", "a directory, not a regular file"]),
+    # every source tensor is converted, copied or refused by name: none vanishes
+    "layer-number-with-leading-zero": (_add_tensor("model.layers.01.block_sparse_moe.experts.3.w1.weight"),
+                                       ["model.layers.01.block_sparse_moe.experts.3.w1.weight", "no parameter for it"]),
+    "unknown-tensor": (_add_tensor("model.layers.0.self_attn.extra.weight"), ["extra.weight", "no parameter for it"]),
+    "source-named-like-output": (_add_tensor("model.layers.0.block_sparse_moe.experts.w13_weight"),
+                                 ["experts.w13_weight", "named like a converted expert tensor"]),
     "pickle-checkpoint": (_pickle_only, ["pytorch_model.bin", "never loaded", "safetensors source"]),
 }
 

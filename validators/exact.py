@@ -5,6 +5,7 @@ For BF16 sources the same pass measures the quantisation error of the dequantise
 from __future__ import annotations
 
 import torch
+import xxhash
 
 from convert import model, output_format
 from convert.errors import ConvertError
@@ -13,7 +14,7 @@ from convert.parallel import RankGeometry
 from convert.profiles import Down, GateUp, Packed
 from convert.quant import dequantize_fp8_block, quantize_fp8_block
 from convert.read_experts import read_projection
-from convert.safetensors_file import DTYPES, TensorFile
+from convert.safetensors_file import DTYPES, TensorFile, tensor_bytes
 from convert.source import SourceCheckpoint
 from validators import numerics
 from validators.checkpoint import ConvertedCheckpoint
@@ -268,3 +269,152 @@ def _report_quant_errors(report: Report, label: str, errors: list[tuple[float, i
                        f"(limit {numerics.QUANT_ERROR_LIMIT}); worst: {listed}",
                        shape=label, metrics={"mean_rel_l2": mean, "max_rel_l2": worst[0][0],
                                              "worst": [list(w) for w in worst[:WORST_LISTED]]}))
+
+
+# -- without the source: the digests recorded at conversion --------------------------------------------
+
+
+def run_digests(ckpt: ConvertedCheckpoint, report: Report) -> None:
+    """Undo the layout from the stored bytes and compare with the source digests the manifest records
+    (convert/digests.py): every expert projection of every layer, and every other source tensor the
+    folder holds as such. Catches value-preserving tampering (experts swapped, a rank's tensors moved,
+    a scale doubled) that file hashes rewritten to match would hide."""
+    try:
+        manifest = ckpt.manifest()
+    except ConvertError as exc:
+        report.add(Finding(CHECK, "skip", f"not run: {exc}"))
+        return
+    digests = manifest.source_digests
+    if not digests:
+        report.add(Finding(CHECK, "skip", "not run: the manifest records no source digests (an older conversion); "
+                                          "use --source"))
+        return
+    for entry in ckpt.block.shapes:
+        try:
+            entry.parallel.validate(ckpt.shape)
+        except ConvertError:
+            continue
+        if entry.ranks is not None:
+            report.add(Finding(CHECK, "skip", f"not run without --source: the folder holds ranks "
+                                              f"{','.join(map(str, entry.ranks))} only, not whole tensors", shape=entry.key))
+            continue
+        bad = _expert_digest_problems(ckpt, report, entry, digests)
+        checked, tensor_bad = _tensor_digest_problems(ckpt, report, entry, digests)
+        if not bad and not tensor_bad:
+            report.add(Finding(CHECK, "pass", f"every expert projection of {ckpt.shape.num_layers} layers and {checked} "
+                                              "other tensors undo to the bytes the conversion read (recorded digests)",
+                               shape=entry.key))
+
+
+def _expert_digest_problems(ckpt: ConvertedCheckpoint, report: Report, entry: ShapeEntry, digests: dict[str, str]) -> int:
+    from convert.digests import expert_digest_name
+
+    ranks = ckpt.ranks(entry)
+    bad = 0
+    for layer in range(ckpt.shape.num_layers):
+        hashers = {(p, s): xxhash.xxh3_128() for p in model.PROJECTIONS for s in (False, True)}
+        try:
+            for block_start in range(0, ckpt.shape.num_experts, entry.experts_per_rank):
+                owners = sorted((g for g in ranks if g.first_expert == block_start), key=lambda g: g.moe_tp_rank)
+                for start in range(block_start, block_start + entry.experts_per_rank, CHUNK_EXPERTS):
+                    local = range(start - block_start, min(start + CHUNK_EXPERTS, block_start + entry.experts_per_rank) - block_start)
+                    parts = []
+                    for g in owners:
+                        t = ckpt.rank_layer(entry, g.rank, layer, local)
+                        parts.append((ckpt.profile.unpack_gate_up(Packed(t.w13, t.w13_scale), g),
+                                      ckpt.profile.unpack_down(Packed(t.w2, t.w2_scale), g)))
+                    whole = {
+                        ("w1", False): torch.cat([gu.gate for gu, _ in parts], 1),
+                        ("w3", False): torch.cat([gu.up for gu, _ in parts], 1),
+                        ("w2", False): torch.cat([dn.weight for _, dn in parts], 2),
+                        ("w1", True): torch.cat([gu.gate_scale for gu, _ in parts], 1),
+                        ("w3", True): torch.cat([gu.up_scale for gu, _ in parts], 1),
+                        ("w2", True): torch.cat([dn.scale for _, dn in parts], 2),
+                    }
+                    for key, tensor in whole.items():
+                        hashers[key].update(tensor_bytes(tensor.contiguous()))
+        except (ConvertError, RuntimeError, ValueError) as exc:
+            report.add(Finding(CHECK, "fail", f"cannot read: {exc}", shape=entry.key, layer=layer))
+            bad += 1
+            continue
+        for (proj, is_scale), h in hashers.items():
+            want = digests.get(expert_digest_name(layer, proj, is_scale))
+            if want is None:
+                report.add(Finding(CHECK, "fail", f"{proj} {'scales' if is_scale else 'weights'}: no digest recorded",
+                                   shape=entry.key, layer=layer))
+                bad += 1
+            elif h.hexdigest() != want:
+                report.add(Finding(CHECK, "fail", f"{proj} {'scales' if is_scale else 'weights'} of the layer's experts "
+                                                  "do not undo to the bytes the conversion read (recorded digest): "
+                                                  "experts swapped, moved or changed", shape=entry.key, layer=layer))
+                bad += 1
+    return bad
+
+
+def _tensor_digest_problems(ckpt: ConvertedCheckpoint, report: Report, entry: ShapeEntry,
+                            digests: dict[str, str]) -> tuple[int, int]:
+    """(tensors checked, failures) for the non-expert source tensors the folder holds as such."""
+    from convert.digests import tensor_digest
+
+    names = [n for n in digests if ".experts.*." not in n]
+    if entry.format == "presharded":
+        names = [n for n in names if n not in _requantised_sources(ckpt, entry)]
+    if entry.format == "experts":
+        weight_map = ckpt.weight_map()
+        rebuilt = {n: ckpt.file(ckpt.root / weight_map[n]).read(n) for n in names if n in weight_map}
+    else:
+        rebuilt = _reassembled(ckpt, entry, set(names))
+    bad = 0
+    for name in sorted(names):
+        tensor = rebuilt.get(name)
+        if tensor is None:
+            report.add(Finding(CHECK, "fail", f"{name}: the folder does not hold it whole", shape=entry.key))
+            bad += 1
+        elif tensor_digest(tensor) != digests[name]:
+            report.add(Finding(CHECK, "fail", f"{name} does not undo to the bytes the conversion read (recorded digest)",
+                               shape=entry.key))
+            bad += 1
+    return len(names), bad
+
+
+def _requantised_sources(ckpt: ConvertedCheckpoint, entry: ShapeEntry) -> set[str]:
+    """Source tensors this shape holds only re-quantised (SM100 attention): not recoverable from it."""
+    from convert.sglang_state import PreshardedTarget, Ue8m0Requant, rank_state, sources_of
+    from validators.checkpoint import OutputView
+
+    target = PreshardedTarget(entry.parallel, entry.gpu_arch or "")
+    state = rank_state(OutputView(ckpt), target, entry.present_ranks[0])
+    return {n for t in state if isinstance(t.recipe, Ue8m0Requant) for n in sources_of(t.recipe)}
+
+
+def _reassembled(ckpt: ConvertedCheckpoint, entry: ShapeEntry, wanted: set[str]) -> dict[str, torch.Tensor]:
+    """Presharded: each wanted source tensor put back together from every rank's slices of it."""
+    from convert.rank_tensors import split
+    from convert.sglang_state import Assemble, PreshardedTarget, Rows, rank_state
+    from validators.checkpoint import OutputView
+
+    target = PreshardedTarget(entry.parallel, entry.gpu_arch or "")
+    pieces: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
+    axes: dict[str, int] = {}
+    for rank in entry.present_ranks:
+        for t in rank_state(OutputView(ckpt), target, rank):
+            if not isinstance(t.recipe, Assemble) or not any(isinstance(p, Rows) and p.source in wanted for p in t.recipe.parts):
+                continue
+            stored = ckpt.rank_tensor(entry, rank, t.name)
+            for part, view in split(stored, t.recipe):
+                if isinstance(part, Rows) and part.source in wanted:
+                    pieces.setdefault(part.source, {})[(part.start, part.count)] = view
+                    axes[part.source] = t.recipe.axis
+    out = {}
+    for name, by_range in pieces.items():
+        ordered = sorted(by_range.items())
+        position, parts = 0, []
+        for (start, count), view in ordered:
+            if start > position:
+                break  # a gap: rows no rank holds
+            if start + count > position:
+                parts.append(view.narrow(axes[name], position - start, start + count - position))
+                position = start + count
+        else:
+            out[name] = torch.cat(parts, dim=axes[name]) if len(parts) > 1 else parts[0]
+    return out

@@ -48,14 +48,25 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     tool_version: str = __version__
+    allow_skip: bool = False  # a check that did not run (a kernel this GPU cannot run) does not fail
 
     def add(self, finding: Finding) -> Finding:
         self.findings.append(finding)
         return finding
 
+    def skipped(self) -> list[Finding]:
+        return [f for f in self.findings if f.status == "skip"]
+
+    @property
+    def incomplete(self) -> bool:
+        """Nothing failed, but something asked for did not run (or nothing ran at all)."""
+        ran = any(f.status == "pass" for f in self.findings)
+        return not self.failures() and (not ran or (bool(self.skipped()) and not self.allow_skip))
+
     @property
     def passed(self) -> bool:
-        return not any(f.status == "fail" for f in self.findings)
+        """Every check asked for ran and passed: a skipped check is never a pass unless allowed."""
+        return not self.failures() and not self.incomplete
 
     def failures(self) -> list[Finding]:
         return [f for f in self.findings if f.status == "fail"]
@@ -70,7 +81,8 @@ class Report:
         return [f for f in self.findings if f.check == "kernel" and f.metrics and f.layer is not None]
 
     def render(self, max_failures: int = 20) -> str:
-        lines = [f"validate {self.out}" + (f" against {self.source}" if self.source else " (no --source: exactness not checked)")]
+        lines = [f"validate {self.out}" + (f" against {self.source}" if self.source else
+                                            " (no --source: exactness against the source digests the manifest records)")]
         lines.append(f"{'check':<13}{'pass':>6}{'fail':>6}{'skip':>6}  seconds")
         for check in CHECKS:
             c = self.by_check().get(check)
@@ -81,11 +93,12 @@ class Report:
         rows = self.kernel_rows()
         if rows:
             lines.append(f"kernel: {self.kernel_used or 'none'}" + (f" ({self.kernel_note})" if self.kernel_note else ""))
-            lines.append(f"{'shape':<10}{'layer':>6}{'rel_l2':>11}{'cosine':>11}{'max_abs':>11}{'in_tol':>8}  status")
+            width = max([10] + [len(f.shape or "") + 1 for f in rows])
+            lines.append(f"{'shape':<{width}}{'layer':>6}{'rel_l2':>11}{'cosine':>11}{'max_abs':>11}{'in_tol':>8}  status")
             for f in rows:
                 m = f.metrics
                 lines.append(
-                    f"{f.shape or '':<10}{f.layer:>6}{m['rel_l2']:>11.2e}{m['cosine']:>11.6f}{m['max_abs']:>11.2e}"
+                    f"{f.shape or '':<{width}}{f.layer:>6}{m['rel_l2']:>11.2e}{m['cosine']:>11.6f}{m['max_abs']:>11.2e}"
                     f"{m['within_tolerance']:>8.3f}  {f.status}"
                 )
         for f in [f for f in self.findings if f.status in ("skip", "info")][:10]:
@@ -95,7 +108,14 @@ class Report:
             lines.append(f.line())
         if len(failures) > max_failures:
             lines.append(f"... and {len(failures) - max_failures} more failures (all in the JSON report)")
-        lines.append("RESULT: " + ("PASS" if self.passed else f"FAIL ({len(failures)} failing checks)"))
+        if self.passed:
+            verdict = "PASS" + (f" ({len(self.skipped())} checks skipped, allowed by --allow-skip)" if self.skipped() else "")
+        elif failures:
+            verdict = f"FAIL ({len(failures)} failing checks)"
+        else:
+            verdict = (f"INCOMPLETE: {len(self.skipped())} checks did not run (pass --allow-skip to accept that)"
+                       if self.skipped() else "INCOMPLETE: no check ran")
+        lines.append("RESULT: " + verdict)
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,8 +126,15 @@ class Report:
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
-    def summary(self) -> dict[str, Any]:
-        """What the manifest and the model card keep: per-check counts and the kernel table."""
+    def summary(self, shape: str | None = None) -> dict[str, Any]:
+        """What the manifest and the model card keep for one shape (its findings and the folder-wide
+        ones): which checks ran with their counts, what did not run, and the kernel table."""
+        mine = [f for f in self.findings if shape is None or f.shape in (None, shape)]
+        part = Report(self.out, self.source, self.kernel_requested, self.kernel_used, self.kernel_note, self.layers,
+                      self.tokens, self.seed, mine, self.seconds, self.tool_version, self.allow_skip)
+        return part._summary()
+
+    def _summary(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
             "tool_version": self.tool_version,
@@ -116,7 +143,11 @@ class Report:
             "kernel_note": self.kernel_note,
             "layers": self.layers,
             "tokens": self.tokens,
-            "checks": {k: dict(v) for k, v in self.by_check().items()},
+            "incomplete": self.incomplete,
+            "allow_skip": self.allow_skip,
+            "not_run": [f.line() for f in self.skipped()],
+            "checks": {k: {s: n for s, n in v.items() if s != "skip"} for k, v in self.by_check().items()
+                       if v.get("pass") or v.get("fail")},
             "kernel_rows": [
                 {"shape": f.shape, "layer": f.layer, "status": f.status, **f.metrics} for f in self.kernel_rows()
             ],

@@ -6,6 +6,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from convert.card import write_card
 from convert.errors import ConvertError
 from convert.manifest import Manifest
@@ -31,19 +33,22 @@ def parse_layers(text: str | None) -> list[int] | None:
 def record_summary(out: str | Path, report: Report, settings: dict | None = None) -> None:
     """Keep the report's summary in the manifest, under the shapes it covered (and the settings used)."""
     manifest = Manifest.load(Path(out))
-    summary = report.summary()
-    summary["settings"] = settings or {"kernel_requested": report.kernel_requested, "tokens": report.tokens,
-                                       "seed": report.seed}
-    for shape in {f.shape for f in report.findings if f.shape} or {"all"}:
-        manifest.validation[shape] = summary
+    for shape in {f.shape for f in report.findings if f.shape} or {None}:
+        summary = report.summary(shape)
+        summary["settings"] = settings or {"kernel_requested": report.kernel_requested, "tokens": report.tokens,
+                                           "seed": report.seed, "allow_skip": report.allow_skip}
+        manifest.validation[shape or "all"] = summary
     write_card(Path(out), manifest)  # the card shows the validation table; saves the manifest too
 
 
 @contextmanager
 def _timed(report: Report, check: str):
+    """Time a check; a damaged folder that stops it is that check's failure, not a crash."""
     started = time.monotonic()
     try:
         yield
+    except ConvertError as exc:
+        report.add(Finding(check, "fail", f"stopped: {exc}"))
     finally:
         report.seconds[check] = report.seconds.get(check, 0.0) + time.monotonic() - started
 
@@ -53,30 +58,49 @@ ALL_CHECKS = ("structure", "exact", "kernel")
 
 def validate(out: str | Path, source: str | Path | None = None, kernel: str = "auto", layers: list[int] | None = None,
              tokens: int = 64, seed: int = 0, device: str | None = None,
-             checks: tuple[str, ...] = ALL_CHECKS) -> Report:
-    """Every check on a converted checkpoint; exactness and quantisation error need the source."""
+             checks: tuple[str, ...] | None = None, allow_skip: bool = False) -> Report:
+    """Every check on a converted checkpoint (`checks` None: all of them; `exact` needs the source).
+
+    A check asked for that cannot run (`exact` without a source, a kernel this machine cannot run)
+    is reported as not run, and the result is not a pass unless `allow_skip`."""
+    if checks is None:
+        checks = ALL_CHECKS
     unknown = set(checks) - set(ALL_CHECKS)
     if unknown:
         raise ConvertError(f"--checks: unknown {', '.join(sorted(unknown))} (choose from {', '.join(ALL_CHECKS)})")
+    if not checks:
+        raise ConvertError(f"--checks: name at least one of {', '.join(ALL_CHECKS)}")
     if kernel not in KERNEL_CHOICES:
         raise ConvertError(f"--kernel {kernel!r}: choose one of {', '.join(KERNEL_CHOICES)}")
     if tokens < 1:
         raise ConvertError(f"--tokens must be at least 1, got {tokens}")
+    if not 0 <= seed < 2**31:
+        raise ConvertError(f"--seed must be between 0 and {2**31 - 1}, got {seed}")
+    if device not in (None, "cpu", "cuda"):
+        raise ConvertError(f"--device {device!r}: choose cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConvertError("--device cuda: no CUDA device is available here")
     with ConvertedCheckpoint.open(out) as ckpt:
         if layers == [-1]:
             chosen = list(range(ckpt.shape.num_layers))
         else:
             chosen = layers if layers is not None else kernel_check.default_layers(ckpt.shape.num_layers)
+        outside = [layer for layer in chosen if not 0 <= layer < ckpt.shape.num_layers]
+        if outside:
+            raise ConvertError(f"--layers: layer {outside[0]} does not exist (the model has {ckpt.shape.num_layers})")
         report = Report(out=str(out), source=str(source) if source else None, kernel_requested=kernel,
-                        layers=chosen, tokens=tokens, seed=seed)
+                        layers=chosen, tokens=tokens, seed=seed, allow_skip=allow_skip)
         if "structure" in checks:
             with _timed(report, "structure"):
                 structure.run(ckpt, report)
         src = SourceCheckpoint.open(source) if source is not None else None
         try:
-            if src is not None and "exact" in checks:
+            if "exact" in checks:
                 with _timed(report, "exact"):
-                    exact.run(ckpt, src, report)
+                    if src is None:
+                        exact.run_digests(ckpt, report)  # against what the conversion recorded reading
+                    else:
+                        exact.run(ckpt, src, report)
             if "kernel" not in checks:
                 return report
             selection = select(kernel, ckpt.profile.flags, device)

@@ -49,6 +49,17 @@ def check_manifest(ckpt: ConvertedCheckpoint, report: Report, on_bytes=None) -> 
     if manifest.profile != ckpt.block.profile:
         report.add(Finding(CHECK, "fail", f"manifest profile {manifest.profile!r} but config block profile {ckpt.block.profile!r}"))
         bad += 1
+    for required in (output_format.CONFIG_NAME, output_format.MODEL_CARD_NAME):
+        if required not in listed:
+            report.add(Finding(CHECK, "fail", f"{required}: not listed in the manifest, so nothing proves it is the "
+                                              "one the conversion wrote"))
+            bad += 1
+    recorded = {s.get("dir") for s in manifest.shapes if isinstance(s, dict)}
+    listed_shapes = {s.dir for s in ckpt.block.shapes}
+    if recorded != listed_shapes:
+        report.add(Finding(CHECK, "fail", f"the manifest records shapes {sorted(map(str, recorded))} but config.json "
+                                          f"lists {sorted(listed_shapes)}"))
+        bad += 1
     if not bad:
         report.add(Finding(CHECK, "pass", f"manifest: {len(manifest.files)} files, sizes and sha256 match"))
 
@@ -56,6 +67,12 @@ def check_manifest(ckpt: ConvertedCheckpoint, report: Report, on_bytes=None) -> 
 def check_config_block(ckpt: ConvertedCheckpoint, report: Report) -> None:
     block, profile = ckpt.block, ckpt.profile
     problems = []
+    if block.format_version != output_format.FORMAT_VERSION:
+        problems.append(f"format_version {block.format_version} is not {output_format.FORMAT_VERSION}, the one this "
+                        "tool writes and checks")
+    for folder in _shape_folders_on_disk(ckpt.root):
+        if folder not in {s.dir for s in block.shapes}:
+            problems.append(f"{folder}: a shape folder on disk that the block does not list")
     if (block.use_shuffled_weight, block.weight_layout) != (profile.flags.use_shuffled_weight, profile.flags.weight_layout):
         problems.append(
             f"kernel flags use_shuffled_weight={block.use_shuffled_weight}, weight_layout={block.weight_layout} "
@@ -96,6 +113,18 @@ def check_config_block(ckpt: ConvertedCheckpoint, report: Report) -> None:
         report.add(Finding(CHECK, "fail", f"config.json mm_convert block: {p}"))
     if not problems:
         report.add(Finding(CHECK, "pass", f"config block: profile {profile.name}, {len(block.shapes)} shape(s)"))
+
+
+def _shape_folders_on_disk(root: Path) -> list[str]:
+    """Every experts/tp{T}-ep{E} and presharded-*/TP-* folder present (listed or not)."""
+    found = []
+    experts = root / output_format.EXPERTS_DIR
+    if experts.is_dir():
+        found += [f"{output_format.EXPERTS_DIR}/{p.name}" for p in sorted(experts.iterdir()) if p.is_dir()]
+    for top in sorted(root.glob(f"{output_format.PRESHARDED_ROOT_PREFIX}*")):
+        if top.is_dir():
+            found += [f"{top.name}/{p.name}" for p in sorted(top.iterdir()) if p.is_dir()]
+    return found
 
 
 def check_shape_files(ckpt: ConvertedCheckpoint, report: Report) -> None:
@@ -208,7 +237,9 @@ def check_padding_and_scales(ckpt: ConvertedCheckpoint, report: Report, layers: 
                     "w2_weight_scale_inv padding": t.w2_scale[:, :, real_b:],
                 }
                 for what, region in pads.items():
-                    nonzero = region.reshape(region.shape[0], -1).ne(0).any(dim=1)
+                    # Bit patterns, not values: -0.0 is not the +0.0 SGLang's loader writes, in weights or scales.
+                    bits = region.contiguous().view(torch.uint8 if region.element_size() == 1 else torch.int32)
+                    nonzero = bits.reshape(region.shape[0], -1).ne(0).any(dim=1)
                     for e in nonzero.nonzero().flatten().tolist()[:3]:
                         report.add(Finding(CHECK, "fail", f"{what} is not zero", shape=label, layer=layer,
                                            expert=g.first_expert + e, rank=g.rank))
