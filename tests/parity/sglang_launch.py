@@ -1,14 +1,14 @@
 """Start one SGLang worker process per rank (tests/parity/sglang_worker.py) and collect what each held.
 
 As `sglang.launch_server` starts one scheduler process per GPU, joined by a process group; here the
-group is gloo over loopback TCP and the tensors live in CPU memory.
+group is gloo over loopback TCP (met through a file) and the tensors live in CPU memory.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
+import time
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -31,43 +31,26 @@ class RankResult:
         return load_file(str(self.path))
 
 
-def _free_ports(n: int) -> int:
-    """The first of `n` consecutive free ports (each job of a worker uses its own)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            first = s.getsockname()[1]
-        if first + n < 65536 and all(_is_free(first + i) for i in range(n)):
-            return first
-    raise RuntimeError("no run of free ports on 127.0.0.1")
-
-
-def _is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def run_ranks(world: int, jobs: list[dict], out: Path, timeout: float = 600) -> dict[str, list[RankResult]]:
     """Run `jobs` (in order) on `world` rank processes; job id -> one result per rank."""
     out.mkdir(parents=True, exist_ok=True)
     jobs_file = out / "jobs.json"
     jobs_file.write_text(json.dumps(jobs))
-    port = _free_ports(len(jobs))
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     procs = []
     for rank in range(world):
         log = open(out / f"worker-{rank}.log", "w")
         procs.append((subprocess.Popen(
             [sys.executable, "-m", "tests.parity.sglang_worker", "--world", str(world), "--rank", str(rank),
-             "--port", str(port), "--jobs", str(jobs_file), "--out", str(out)],
+             "--rendezvous", str(out / "rendezvous"), "--jobs", str(jobs_file), "--out", str(out)],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    deadline = time.monotonic() + timeout
     try:
-        for p, _ in procs:
-            p.wait(timeout=timeout)
+        # One deadline for all; a rank that dies stops the wait (the others would wait for it).
+        while any(p.poll() is None for p, _ in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p, _ in procs):
+                break
+            time.sleep(0.2)
     finally:
         for p, log in procs:
             if p.poll() is None:

@@ -112,15 +112,17 @@ def _server_args(command: str):
 class _Distributed:
     """This worker's gloo process group, built afresh for each job (as each launch builds its own)."""
 
-    def __init__(self, world: int, rank: int, port: int):
-        self.world, self.rank, self.port, self.jobs = world, rank, port, 0
+    def __init__(self, world: int, rank: int, rendezvous: Path):
+        self.world, self.rank, self.rendezvous, self.jobs = world, rank, rendezvous, 0
 
     def start(self, server_args) -> None:
         from sglang.srt.distributed import parallel_state as ps
         from sglang.srt.layers.dp_attention import initialize_dp_attention
 
+        # A file rendezvous, not a TCP port: a port picked in advance can be taken by then (EADDRINUSE
+        # on one rank left the others waiting). A rank that fails mid-job stops the others in 120 s.
         ps.init_distributed_environment(backend="gloo", world_size=self.world, rank=self.rank, local_rank=self.rank,
-                                        distributed_init_method=f"tcp://127.0.0.1:{self.port + self.jobs}")
+                                        distributed_init_method=f"file://{self.rendezvous}-{self.jobs}", timeout=120)
         self.jobs += 1
         ps.initialize_model_parallel()
         initialize_dp_attention(server_args=server_args)
@@ -186,7 +188,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--world", type=int, required=True)
     parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--rendezvous", type=Path, required=True)
     parser.add_argument("--jobs", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -198,7 +200,7 @@ def main() -> None:
     logging.getLogger("sglang").setLevel(logging.ERROR)
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    dist = _Distributed(args.world, args.rank, args.port)
+    dist = _Distributed(args.world, args.rank, args.rendezvous)
     for job in json.loads(args.jobs.read_text()):
         result = run_job(job, dist, args.out)
         (args.out / f"{job['id']}-rank{args.rank}.json").write_text(json.dumps(result))
