@@ -7,43 +7,76 @@ serving flags, the validation table as recorded, and the command that reproduces
 
 from __future__ import annotations
 
-import json
+import html
+import math
 from pathlib import Path
 from typing import Any
 
 from convert import model, output_format
+from convert.errors import ConvertError
 from convert.fsutil import FileRecord, atomic_write_bytes, read_json_object, sha256_file
 from convert.manifest import Manifest
 from convert.output_format import ConfigBlock
 from convert.tiny import SYNTHETIC_KEY
 
 
-def _yaml_str(value: str) -> str:
-    return json.dumps(value)  # a JSON string is a valid YAML scalar
+# Model-card metadata the converted card takes over from the source's card, whole: the licence
+# (upstream MiniMax: `other` + `license_name: modified-mit` + `license_link`), languages, tags.
+CARRIED_METADATA = ("license", "license_name", "license_link", "language", "pipeline_tag", "tags")
+# The Hub shows its "Use this model" SGLang and vLLM snippets for `transformers`-tagged text-generation
+# models (huggingface.js local-apps.ts); `sglang` is not a library it knows (docs/research/hub-card.md).
+LIBRARY_NAME = "transformers"
+OUR_TAGS = ("fp8", "mixture-of-experts", "minimax_m2", "flashinfer", "trtllm-routed-moe", "sglang", "mm-convert")
 
 
-def _metadata(manifest: Manifest, base_model: str | None, license_id: str | None) -> str:
-    lines = ["---"]
-    if base_model:
-        lines += [f"base_model: {_yaml_str(base_model)}", "base_model_relation: quantized"]
-    if license_id:
-        lines.append(f"license: {_yaml_str(license_id)}")
-    else:
-        lines += ["license: other", "license_name: see-source-repository"]
-    lines += [
-        "library_name: sglang",
-        "pipeline_tag: text-generation",
-        "tags:",
-        *(f"- {t}" for t in ("fp8", "mixture-of-experts", "minimax_m2", "flashinfer", "trtllm-routed-moe",
-                             "sglang", "mm-convert", f"profile-{manifest.profile}")),
-        "---",
-    ]
-    return "\n".join(lines)
+def source_card_metadata(source_dir: Path) -> dict[str, Any]:
+    """The carried-over fields of the source's README.md front matter ({} without a card), parsed
+    as huggingface_hub parses it; a card whose metadata cannot be parsed is refused, naming it."""
+    from huggingface_hub import metadata_load
+
+    readme = source_dir / output_format.MODEL_CARD_NAME
+    if not readme.is_file():
+        return {}
+    try:
+        meta = metadata_load(readme) or {}
+    except Exception as exc:  # noqa: BLE001 - yaml and ValueError: one line naming the file
+        raise ConvertError(f"{readme}: its metadata block cannot be parsed ({type(exc).__name__}); "
+                           "fix or remove the card (its licence would be carried over)") from None
+    out: dict[str, Any] = {}
+    for key in CARRIED_METADATA:
+        value = meta.get(key)
+        if isinstance(value, str) and value.strip():
+            out[key] = value.strip()
+        elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            out[key] = list(value)
+    return out
 
 
-def _validation_table(manifest: Manifest) -> list[str]:
+def _metadata(manifest: Manifest, block: ConfigBlock, base_model: str | None) -> str:
+    from huggingface_hub import ModelCardData
+
+    carried = manifest.source.card
+    source_tags = carried.get("tags", [])
+    tags = list(dict.fromkeys([*(source_tags if isinstance(source_tags, list) else [source_tags]), *OUR_TAGS,
+                               f"profile-{manifest.profile}", *(["presharded"] if block.format == "presharded" else [])]))
+    licence = {k: carried[k] for k in ("license", "license_name", "license_link") if k in carried}
+    data = ModelCardData(
+        base_model=base_model,
+        # FP8 carried over or BF16 quantised: either way a serving-format variant of the same weights,
+        # which the Hub lists under the base model's "Quantizations"
+        base_model_relation="quantized" if base_model else None,
+        **(licence or {"license": "unknown"}),  # never invented: "unknown" is the Hub's word for it
+        language=carried.get("language"),
+        library_name=LIBRARY_NAME,
+        pipeline_tag=carried.get("pipeline_tag", "text-generation"),
+        tags=tags,
+    )
+    return "---\n" + data.to_yaml() + "\n---"
+
+
+def _validation_table(manifest: Manifest, chart: bool) -> list[str]:
     if not manifest.validation:
-        return ["Not validated yet: run `mm-convert validate OUT --source SOURCE --record` before publishing."]
+        return ["Not validated yet: run `mm-convert validate OUT --source SOURCE --record` before publishing.", ""]
     out = []
     for shape, summary in sorted(manifest.validation.items()):
         checks = summary.get("checks", {})
@@ -58,11 +91,90 @@ def _validation_table(manifest: Manifest) -> list[str]:
             out.append(f"Not run: `{line}`" + (" (allowed by --allow-skip)." if summary.get("allow_skip") else "."))
         rows = summary.get("kernel_rows") or []
         if rows:
-            out += ["", "| shape | layer | rel L2 | cosine | max abs | in FlashInfer tolerance | status |", "|---|---|---|---|---|---|---|"]
-            out += [f"| {r['shape']} | {r['layer']} | {r['rel_l2']:.2e} | {r['cosine']:.6f} | {r['max_abs']:.2e} | "
-                    f"{r['within_tolerance']:.3f} | {r['status']} |" for r in rows]
+            vs_source = any("vs_source_rel_l2" in r for r in rows)
+            out += ["", "Kernel output against a float32 reference computed from the same FP8 weights (does the "
+                        "layout compute what it should?)" + ("; and against the unquantised BF16 source weights, same "
+                                                              "inputs (what quantisation costs at the layer's output):"
+                                                              if vs_source else ":"), ""]
+            head = "| shape | layer | rel L2 | cosine | max abs | in FlashInfer tolerance |"
+            out += [head + (" rel L2 vs BF16 | cosine vs BF16 |" if vs_source else "") + " status |",
+                    "|---" * (head.count("|") - 1 + (2 if vs_source else 0) + 1) + "|"]
+            for r in rows:
+                extra = (f" {r['vs_source_rel_l2']:.2e} | {r['vs_source_cosine']:.6f} |" if "vs_source_rel_l2" in r
+                         else " - | - |" if vs_source else "")
+                out.append(f"| {r['shape']} | {r['layer']} | {r['rel_l2']:.2e} | {r['cosine']:.6f} | {r['max_abs']:.2e} | "
+                           f"{r['within_tolerance']:.3f} |{extra} {r['status']} |")
+        quant = summary.get("quant_error")
+        if quant:
+            out += ["", f"Quantisation error of the expert weights (dequantised FP8 against the BF16 source, relative L2 "
+                        f"per expert matrix): mean {quant['mean_rel_l2']:.4f}, worst {quant['max_rel_l2']:.4f} over "
+                        f"{quant['tensors']} matrices (limit {quant['limit']}).", "",
+                    "| layer | matrices | mean rel L2 | worst rel L2 |", "|---|---|---|---|"]
+            out += [f"| {layer} | {n} | {mean:.4f} | {worst:.4f} |" for layer, n, mean, worst in quant["per_layer"]]
         out.append("")
+    if chart:
+        out += [f"![Per-layer errors recorded by the validation]({output_format.CHART_NAME})", ""]
     return out
+
+
+def _chart_series(manifest: Manifest) -> list[tuple[str, list[tuple[int, float]]]]:
+    """(name, [(layer, value)]) series worth drawing: per-layer errors of every recorded shape."""
+    series = []
+    for shape, summary in sorted(manifest.validation.items()):
+        rows = summary.get("kernel_rows") or []
+        if any("vs_source_rel_l2" in r for r in rows):
+            series.append((f"{shape}: layer output vs BF16 source (rel L2)",
+                           [(r["layer"], r["vs_source_rel_l2"]) for r in rows if "vs_source_rel_l2" in r]))
+        quant = summary.get("quant_error")
+        if quant:
+            series.append((f"{shape}: expert weights vs BF16, mean (rel L2)", [(l, m) for l, _, m, _ in quant["per_layer"]]))
+        elif rows:
+            series.append((f"{shape}: kernel vs FP8 reference (rel L2)", [(r["layer"], r["rel_l2"]) for r in rows]))
+    return [(name, points) for name, points in series if points]
+
+
+def render_chart(manifest: Manifest) -> str | None:
+    """A small SVG line chart of the per-layer errors (None when there is nothing to draw)."""
+    series = _chart_series(manifest)
+    if not series:
+        return None
+    width, height, left, right, top, bottom = 640, 260, 64, 16, 16, 40 + 16 * len(series)
+    layers = sorted({layer for _, pts in series for layer, _ in pts})
+    top_value = max(v for _, pts in series for _, v in pts) or 1.0
+    scale = 10 ** math.ceil(math.log10(top_value)) if top_value > 0 else 1.0
+    scale = next(s for s in (scale / 5, scale / 2, scale) if s >= top_value)
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def x(layer: int) -> float:
+        return left + (plot_w * (layers.index(layer) + 0.5) / len(layers))
+
+    def y(value: float) -> float:
+        return top + plot_h * (1 - value / scale)
+
+    colours = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="black"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="black"/>']
+    for i in range(5):
+        v = scale * i / 4
+        parts += [f'<line x1="{left}" y1="{y(v):.1f}" x2="{left + plot_w}" y2="{y(v):.1f}" stroke="#ddd"/>',
+                  f'<text x="{left - 4}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.2g}</text>']
+    step = max(1, len(layers) // 16)
+    for layer in layers[::step]:
+        parts.append(f'<text x="{x(layer):.1f}" y="{top + plot_h + 14}" text-anchor="middle">{layer}</text>')
+    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{top + plot_h + 28}" text-anchor="middle">layer</text>')
+    for i, (name, pts) in enumerate(series):
+        colour = colours[i % len(colours)]
+        path = " ".join(f"{x(layer):.1f},{y(v):.1f}" for layer, v in sorted(pts))
+        parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        parts += [f'<circle cx="{x(layer):.1f}" cy="{y(v):.1f}" r="3" fill="{colour}"/>' for layer, v in pts]
+        ly = top + plot_h + 44 + 16 * i
+        parts += [f'<rect x="{left}" y="{ly - 9}" width="10" height="10" fill="{colour}"/>',
+                  f'<text x="{left + 16}" y="{ly}">{html.escape(name)}</text>']
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
 
 
 def _title(config: dict, block: ConfigBlock, base: str | None) -> str:
@@ -104,8 +216,9 @@ def _presharded_sections(block: ConfigBlock) -> list[str]:
         "are the source bytes.",
         "- Each tensor is stored once under its content hash; `checksum.json` says which file and key every rank "
         "reads and holds each rank's checksum; `READY` marks the folder complete.",
+        *_unchanged_lines(block),
         "",
-        "## Serving with SGLang",
+        "## Deployment",
         "",
         "The folder holds no standard weight shards on purpose: SGLang loads it only with `--load-format presharded` and "
         "the `presharded_path` below, and any other load fails at once instead of serving uninitialised experts. "
@@ -122,8 +235,22 @@ def _presharded_sections(block: ConfigBlock) -> list[str]:
     lines += ["", "```bash", "MODEL=/path/to/this/folder  # where this repository was downloaded"]
     for s in block.shapes:
         lines.append(launch_command("MODEL", s.tp, s.ep, s.dir.split("/")[0], block.moe_runner_backend, shell_variable=True))
-    lines += ["```", ""]
+    lines += ["```", "", _HUB_SNIPPET_NOTE, ""]
     return lines
+
+
+_HUB_SNIPPET_NOTE = ("The Hub's generic \"Use this model\" SGLang and vLLM snippets start a server without these flags; "
+                     "on this repository they stop at load time. Use the commands above, on GPUs of the architecture "
+                     "in the table.")
+
+
+def _unchanged_lines(block: ConfigBlock) -> list[str]:
+    return [
+        "- Not changed: the tokenizer, chat template, generation config, licence and remote-code files (copied byte "
+        "for byte); the architecture and every size in `config.json`"
+        + ("; a `quantization_config` (fp8, e4m3, 128x128 blocks, dynamic activations) was added because the experts "
+           "are FP8 now" if block.source_kind != "fp8" else "") + ".",
+    ]
 
 
 def _experts_sections(block: ConfigBlock) -> list[str]:
@@ -133,11 +260,13 @@ def _experts_sections(block: ConfigBlock) -> list[str]:
         f"- {_weights_sentence(block)}",
         "- Non-expert tensors (attention, norms, router, embeddings, lm_head) are unchanged, in standard shards "
         "(`model-*.safetensors` + `model.safetensors.index.json`).",
+        *_unchanged_lines(block),
         f"- Each rank's experts are stored kernel-ready under `experts/tp{{T}}-ep{{E}}/rank-{{r}}-part-{{p}}.safetensors`, "
         f"profile `{block.profile}`: {_layout_sentence(block.profile)}.",
         f"- Kernel flags: `use_shuffled_weight={block.use_shuffled_weight}`, `weight_layout={block.weight_layout}`.",
         "",
-        "## Parallel shapes and serving flags",
+        "## Deployment",
+        "",
         "",
         "| shape | moe_tp | ep | experts per rank | I_p (padded) | parts per rank | SGLang flags |",
         "|---|---|---|---|---|---|---|",
@@ -159,22 +288,23 @@ def _experts_sections(block: ConfigBlock) -> list[str]:
 def _convert_command(block: ConfigBlock, s) -> str:
     if s.format == "presharded":
         ranks = "" if s.ranks is None else f" --ranks {','.join(map(str, s.ranks))}"
-        return f"mm-convert convert SOURCE OUT --tp {s.tp} --ep {s.ep} --gpu-arch {s.gpu_arch}{ranks}"
+        return f"mm-convert convert \"$SOURCE\" OUT --tp {s.tp} --ep {s.ep} --gpu-arch {s.gpu_arch}{ranks}"
     fmt = "" if output_format.default_format(block.profile) == "experts" else " --format experts"
-    return f"mm-convert convert SOURCE OUT{fmt} --profile {block.profile} --tp {s.tp} --ep {s.ep}"
+    return f"mm-convert convert \"$SOURCE\" OUT{fmt} --profile {block.profile} --tp {s.tp} --ep {s.ep}"
 
 
-def render_card(config: dict, manifest: Manifest, license_id: str | None = None) -> str:
-    """The card's text. It names no Hub repo of its own, so the published card is the local one."""
+def render_card(config: dict, manifest: Manifest, chart: bool = False) -> str:
+    """The card's text (`chart`: it shows the chart file). It names no Hub repo of its own, so the
+    published card is the local one, and it holds no local path."""
     block = ConfigBlock.from_dict(config[output_format.CONFIG_BLOCK_KEY])
     src = manifest.source
     base, origin = _origin(config, src)
     title = _title(config, block, base)
-    others = [f for f in manifest.files if f.path != output_format.MODEL_CARD_NAME]
+    others = [f for f in manifest.files if f.path not in (output_format.MODEL_CARD_NAME, output_format.CHART_NAME)]
     what = ("every rank's state pre-sharded for SGLang's `--load-format presharded`" if block.format == "presharded"
             else "its routed experts pre-laid-out")
     lines = [
-        _metadata(manifest, base, license_id),
+        _metadata(manifest, block, base),
         "",
         f"# {title}",
         "",
@@ -182,24 +312,27 @@ def render_card(config: dict, manifest: Manifest, license_id: str | None = None)
         f"(`{block.kernel}`), the kernel SGLang runs with `--moe-runner-backend {block.moe_runner_backend}`. "
         f"Made with mm-convert {manifest.tool_version}.",
         "",
+        *_licence_lines(src.card),
         *(_presharded_sections(block) if block.format == "presharded" else _experts_sections(block)),
         "## Validation",
         "",
-        *_validation_table(manifest),
+        *_validation_table(manifest, chart),
         "## Files",
         "",
-        f"{len(others) + 2} files (this card and `{output_format.MANIFEST_NAME}` included), "
+        f"{len(others) + 2 + (1 if chart else 0)} files (this card and `{output_format.MANIFEST_NAME}` included), "
         f"{sum(f.size for f in others) / 1e9:.2f} GB; `{output_format.MANIFEST_NAME}` lists every file's size and "
         "sha256 and the tensor census.",
         "",
         "## Reproduce",
         "",
         "```bash",
-        *([f"mm-convert download {src.repo_id} SOURCE --revision {src.revision}"] if src.repo_id else
-          [f"mm-convert make-tiny SOURCE --dtype {config[SYNTHETIC_KEY].get('dtype')} --seed {config[SYNTHETIC_KEY].get('seed')}"]
-          if SYNTHETIC_KEY in config else [f"# SOURCE: the local folder {src.path}"]),
+        *([f"SOURCE=$(mm-convert download {src.repo_id} --revision {src.revision} -q)  # its snapshot in the "
+           "Hugging Face cache, sha256-verified"] if src.repo_id else
+          ["SOURCE=tiny-source",
+           f"mm-convert make-tiny \"$SOURCE\" --dtype {config[SYNTHETIC_KEY].get('dtype')} --seed {config[SYNTHETIC_KEY].get('seed')}"]
+          if SYNTHETIC_KEY in config else [f"SOURCE=/path/to/{src.path}  # the local folder it was converted from"]),
         *(_convert_command(block, s) for s in block.shapes),
-        "mm-convert validate OUT --source SOURCE --record",
+        "mm-convert validate OUT --source \"$SOURCE\" --record",
         "```",
         "",
         "Without a Blackwell GPU the validation runs mm-convert's own Triton routed FP8 MoE (or its torch reference); "
@@ -207,6 +340,23 @@ def render_card(config: dict, manifest: Manifest, license_id: str | None = None)
         "",
     ]
     return "\n".join(lines)
+
+
+def _licence_lines(carried: dict[str, Any]) -> list[str]:
+    if "license" not in carried:
+        return ["Licence: the source states none in its card; check the source repository before use.", ""]
+    name = carried.get("license_name") or carried["license"]
+    link = carried.get("license_link")
+    return [f"Licence: the source's, carried over unchanged: `{name}`" + (f" ({link})" if link else "") + ".", ""]
+
+
+def card_files(config: dict, manifest: Manifest) -> dict[str, bytes]:
+    """The card and, when validation recorded per-layer errors, its chart: name -> bytes."""
+    chart = render_chart(manifest)
+    files = {output_format.MODEL_CARD_NAME: render_card(config, manifest, chart is not None).encode()}
+    if chart is not None:
+        files[output_format.CHART_NAME] = chart.encode()
+    return files
 
 
 def _origin(config: dict, src) -> tuple[str | None, str]:
@@ -224,42 +374,16 @@ def _origin(config: dict, src) -> tuple[str | None, str]:
 
 
 def write_card(out: Path, manifest: Manifest) -> None:
-    """(Re)write OUT/README.md from config + manifest and keep the manifest's record of it current."""
+    """(Re)write OUT/README.md (and its chart) from config + manifest and keep the manifest's record current."""
     config = read_json_object(out / output_format.CONFIG_NAME)
-    license_id = license_from_source(Path(manifest.source.path)) if manifest.source.path else None
-    path = out / output_format.MODEL_CARD_NAME
-    atomic_write_bytes(path, render_card(config, manifest, license_id).encode())
-    rec = FileRecord(output_format.MODEL_CARD_NAME, path.stat().st_size, sha256_file(path))
-    manifest.files = [f for f in manifest.files if f.path != rec.path] + [rec]
+    files = card_files(config, manifest)
+    records = []
+    for name, data in files.items():
+        path = out / name
+        atomic_write_bytes(path, data)
+        records.append(FileRecord(name, path.stat().st_size, sha256_file(path)))
+    if output_format.CHART_NAME not in files:
+        (out / output_format.CHART_NAME).unlink(missing_ok=True)  # no per-layer errors recorded any more: no stale chart
+    card_names = (output_format.MODEL_CARD_NAME, output_format.CHART_NAME)
+    manifest.files = [f for f in manifest.files if f.path not in card_names] + records
     manifest.save(out)
-
-
-def license_from_source(source_dir: Path) -> str | None:
-    """The `license:` of the source repository's README front matter, if it has one."""
-    readme = source_dir / "README.md"
-    if not readme.is_file():
-        return None
-    text = readme.read_text(errors="replace")
-    if not text.startswith("---"):
-        return None
-    for line in text.split("---", 2)[1].splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() == "license":
-            return value.strip().strip("'\"") or None
-    return None
-
-
-def card_metadata(text: str) -> dict[str, Any]:
-    """The YAML front matter as a flat dict (keys and scalar values; lists as lists): for tests."""
-    head = text.split("---", 2)[1]
-    meta: dict[str, Any] = {}
-    key = None
-    for line in head.splitlines():
-        if line.startswith("- ") and key:
-            meta.setdefault(key, []).append(line[2:].strip())
-        elif ":" in line:
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if value.strip():
-                meta[key] = value.strip().strip('"')
-    return meta

@@ -6,6 +6,7 @@ Every failure is one line on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ import typer
 
 from convert import __version__
 from convert.errors import ConvertError
-from convert.recipe import ConvertSpec, load_recipe, override, parse_size
+from convert.recipe import ConvertSpec, load_recipe, override
+from convert.units import parse_size
 
 app = typer.Typer(
     add_completion=False,
@@ -79,16 +81,19 @@ def convert(
                                           help="torch threads for quantising and layout (default: half the cores)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="With a Hub repo id as SOURCE: the revision to fetch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different or unfinished conversion in OUT."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (files, bytes per rank, total, free disk at "
+                                 "OUT, launch command) and write nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result (or with --dry-run the plan) as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Quantise (BF16 sources), lay out and write the experts for one parallel shape."""
-    from convert.execute import ConvertOptions
+    from convert.estimate import render
+    from convert.execute import ConvertOptions, dry_run as plan_only
     from convert.execute import convert as run_convert
     from convert.hub import (
         DownloadRecord,
         download,
         looks_like_repo_id,
-        source_folder_for,
     )
 
     spec = ConvertSpec()
@@ -110,20 +115,29 @@ def convert(
         spec = override(spec, ranks=parse_ranks(ranks, spec.tp))
     if source_path is None or out is None:
         _fail("convert needs SOURCE and OUT (or a --recipe that names them)")
-    if looks_like_repo_id(source_path):
-        folder = source_folder_for(source_path, revision)
-        typer.echo(f"{source_path} is a Hub repo: downloading into {folder}", err=True)
-        download(source_path, folder, revision, quiet=quiet)
-        source_path = str(folder)
+    if looks_like_repo_id(source_path) and not Path(source_path).exists():
+        if dry_run:
+            source_path = str(_cached_for_dry_run(source_path, revision))
+    if looks_like_repo_id(source_path) and not Path(source_path).exists():
+        fetched = download(source_path, None, revision, quiet=quiet or as_json)
+        typer.echo(f"{source_path}@{fetched.record.revision[:12]}: {len(fetched.downloaded)} files fetched or "
+                   f"verified, converting from the Hugging Face cache at {fetched.folder}", err=True)
+        source_path = str(fetched.folder)
     record = DownloadRecord.load(Path(source_path))
-    result = run_convert(
-        source_path, out,
-        ConvertOptions.from_spec(spec, overwrite=overwrite, quiet=quiet, recipe_name=recipe_name,
-                                 chunk_bytes=parse_size(chunk_size, "--chunk-size"), torch_threads=threads,
-                                 source_repo=record.repo_id if record else None,
-                                 source_revision=record.revision if record else None,
-                                 source_sha256=record.sha256s(Path(source_path)) if record else {}),
-    )
+    options = ConvertOptions.from_spec(spec, overwrite=overwrite, quiet=quiet or as_json, recipe_name=recipe_name,
+                                       chunk_bytes=parse_size(chunk_size, "--chunk-size"), torch_threads=threads,
+                                       source_repo=record.repo_id if record else None,
+                                       source_revision=record.revision if record else None,
+                                       source_sha256=record.sha256s(Path(source_path)) if record else {})
+    if dry_run:
+        estimate = plan_only(source_path, out, options)
+        typer.echo(json.dumps({"source": source_path, "out": str(out), **estimate.as_dict()}, indent=2)
+                   if as_json else render(estimate, source_path, out))
+        return
+    result = run_convert(source_path, out, options)
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+        return
     plan = result.plan
     typer.echo(
         f"converted to {result.out}: {result.label} "
@@ -132,6 +146,18 @@ def convert(
     )
     if result.launch_command:
         typer.echo(f"serve it with:\n  {result.launch_command}")
+
+
+def _cached_for_dry_run(repo_id: str, revision: str | None) -> Path:
+    """A dry run reads only headers: from the cached snapshot if there is one; otherwise it says what
+    the download would need (the Hub's listing), and stops."""
+    from convert.hub import cached_snapshot_folder, download_size
+
+    folder = cached_snapshot_folder(repo_id, revision)
+    if folder is not None:
+        return folder
+    _fail(download_size(repo_id, revision))
+    raise AssertionError  # _fail does not return
 
 
 @app.command()
@@ -144,6 +170,7 @@ def validate(
     seed: int = typer.Option(0, "--seed", help="Seed of the random hidden states."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda for the reference backend (default: cuda if present)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full JSON report here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of the table."),
     record: bool = typer.Option(False, "--record", help="Also record the summary in OUT/mm_convert.json (for the model card)."),
     checks: Optional[str] = typer.Option(None, "--checks", help="Which checks to run: structure, exact, kernel "
                                          "(default: all; exact only with --source). One that cannot run fails."),
@@ -159,7 +186,7 @@ def validate(
     result = run_validate(out, source, kernel, parse_layers(layers), tokens, seed, device,
                           None if checks is None else tuple(c.strip() for c in checks.split(",") if c.strip()),
                           allow_skip)
-    typer.echo(result.render())
+    typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.render())
     if report is not None:
         result.save(report)
     if record:
@@ -171,16 +198,23 @@ def validate(
 @app.command()
 def download(
     repo_id: str = typer.Argument(..., help="Hub repo id, e.g. MiniMaxAI/MiniMax-M2.5."),
-    directory: Path = typer.Argument(..., help="Folder to download into (a rerun resumes)."),
+    directory: Optional[Path] = typer.Argument(None, help="A folder for a plain copy; without it the files go into the Hugging Face cache (HF_HUB_CACHE), read in place by convert."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit; resolved to a commit and recorded."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
-    """Fetch what a conversion needs from a pinned revision; verify every large file's sha256."""
+    """Fetch what a conversion needs from a pinned revision; verify every large file's sha256.
+
+    HF_HUB_OFFLINE=1: fetch nothing, check the cached snapshot and say what is missing."""
     from convert.hub import download as run_download
 
     r = run_download(repo_id, directory, revision, quiet=quiet)
-    typer.echo(f"{repo_id}@{r.record.revision} in {r.folder}: {len(r.downloaded)} files fetched and verified, "
+    summary = (f"{repo_id}@{r.record.revision} in {r.folder}: {len(r.downloaded)} files fetched and verified, "
                f"{len(r.reused)} already there, {r.seconds:.1f} s")
+    if directory is None:  # like `hf download`: the snapshot folder alone on stdout, for SOURCE=$(...)
+        typer.echo(summary, err=True)
+        typer.echo(str(r.folder))
+    else:
+        typer.echo(summary)
 
 
 @app.command()
@@ -218,11 +252,14 @@ def run(
 
 
 @app.command()
-def inspect(path: Path = typer.Argument(..., help="A source or converted checkpoint folder.")):
-    """Summarise a checkpoint: architecture, dtypes, experts, parallel shapes, manifest status."""
+def inspect(path: Path = typer.Argument(..., help="A source or converted checkpoint folder."),
+            as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
+    """Summarise a checkpoint: architecture, dtypes, experts, parallel shapes, manifest status.
+    For a source, each shape's plan (files, bytes per rank) is what `convert --dry-run` prints."""
     from convert.inspect import inspect_path
 
-    typer.echo(inspect_path(path).render())
+    summary = inspect_path(path)
+    typer.echo(summary.to_json() if as_json else summary.render())
 
 
 def _release_big_buffers_to_the_os() -> None:
@@ -261,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
         where = f"mm-convert {ctx.info_name}" if ctx is not None and ctx.parent is not None else "mm-convert"
         _die(" ".join(exc.format_message().split()) + f" (see {where} --help)", getattr(exc, "exit_code", EXIT_USAGE))
     except OSError as exc:  # a file the command was pointed at, with the system's reason
+        if os.environ.get("MM_CONVERT_TRACEBACK"):
+            raise
         _die(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), EXIT_FAILED)
     except Exception as exc:  # noqa: BLE001 - never a traceback on the command line
         if os.environ.get("MM_CONVERT_TRACEBACK"):

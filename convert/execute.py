@@ -29,8 +29,9 @@ from typing import Any, Callable, Iterator
 import torch
 
 from convert import __version__, model, output_format
-from convert.card import license_from_source, render_card
+from convert.card import card_files, source_card_metadata
 from convert.errors import ConvertError
+from convert.estimate import Estimate, check_disk, estimate
 from convert.fsutil import FileRecord, atomic_write_bytes, confined, read_small_file
 from convert.manifest import Census, DtypeCount, Manifest, SourceIdentity, new_manifest
 from convert.output_format import ConfigBlock, ShapeEntry
@@ -130,6 +131,13 @@ class ConvertResult:
     seconds: float
     shape: ShapeEntry | None = None  # the shape this conversion wrote, as recorded
     launch_command: str | None = None  # presharded: how SGLang serves it
+
+    def as_dict(self) -> dict[str, Any]:
+        """For `convert --json`: what was written, and how to serve it."""
+        return {"out": str(self.out), "label": self.label, "shape": asdict(self.shape) if self.shape else None,
+                "files": [asdict(r) for r in self.records], "bytes_written": self.bytes_written,
+                "files_reused": self.files_reused, "data_files_written": self.data_files_written,
+                "seconds": round(self.seconds, 3), "launch_command": self.launch_command}
 
     @property
     def label(self) -> str:
@@ -407,15 +415,13 @@ def convert(source_dir: str | os.PathLike, out: str | os.PathLike, options: Conv
     options.check()
     fmt = options.output_format
     with SourceCheckpoint.open(source_dir) as source:
-        parallel = ParallelShape(options.tp, options.ep)
-        if fmt == "experts":
-            plan: ConversionPlan | PreshardedPlan = build_plan(source, get_profile(options.profile), parallel, options.part_size)
-        else:
-            plan = build_presharded_plan(source, PreshardedTarget(parallel, options.gpu_arch), options.ranks)  # type: ignore[arg-type]
+        plan = _plan(source, options)
         if options.device != "cpu" and not torch.cuda.is_available():
             raise ConvertError(f"--device {options.device}: no CUDA device is available here")
-        identity = SourceIdentity.of(source, options.source_repo, options.source_revision, options.source_sha256)
+        identity = SourceIdentity.of(source, options.source_repo, options.source_revision, options.source_sha256,
+                                     source_card_metadata(source.root))
         _check_out_folder(out, source)
+        check_disk(estimate(plan, out, options.overwrite), out)
         work = WorkDir(out)
         work.acquire()  # first: a refused run must not have touched a finished conversion
         try:
@@ -443,7 +449,7 @@ def convert(source_dir: str | os.PathLike, out: str | os.PathLike, options: Conv
             config = _config_json(source, options.profile, fmt, shapes)
             records[output_format.CONFIG_NAME] = _small_file(work, output_format.CONFIG_NAME, _json_bytes(config))
             kept = [r for r in (previous.files if previous else []) if r.path not in records
-                    and r.path != output_format.MODEL_CARD_NAME and not r.path.startswith(new_shape.dir + "/")]
+                    and r.path not in (output_format.MODEL_CARD_NAME, output_format.CHART_NAME) and not r.path.startswith(new_shape.dir + "/")]
             all_records = list(records.values()) + kept
             paths = {r.path: (work.staged_path(r.path) if work.staged_path(r.path).exists() else out / r.path)
                      for r in all_records}
@@ -453,10 +459,10 @@ def convert(source_dir: str | os.PathLike, out: str | os.PathLike, options: Conv
             manifest = new_manifest(identity, options.profile, options.recipe_record(),
                                     [asdict(s) for s in shapes], all_records, census(paths, source, fmt), validation,
                                     source_digests)
-            card_text = render_card(config, manifest, license_from_source(source.root))
-            records[output_format.MODEL_CARD_NAME] = _small_file(work, output_format.MODEL_CARD_NAME, card_text.encode())
-            manifest.files = [r for r in manifest.files if r.path != output_format.MODEL_CARD_NAME] + \
-                [records[output_format.MODEL_CARD_NAME]]
+            card = card_files(config, manifest)
+            for name, data in card.items():
+                records[name] = _small_file(work, name, data)
+            manifest.files = [r for r in manifest.files if r.path not in card] + [records[name] for name in card]
             replaced_files = _swap_out(out, work, replaced, set(records) | {r.path for r in kept})
             work.commit(sorted(p for p in records if p not in written.last) + list(written.last))
             _remove_stale(out, replaced_files, f"{work.root / REPLACED_FILE}: entry")
@@ -473,6 +479,23 @@ def convert(source_dir: str | os.PathLike, out: str | os.PathLike, options: Conv
                                            sglang_state.MOE_RUNNER_BACKEND)
     return ConvertResult(out, plan, tuple(records.values()), written.bytes_written, written.reused,
                          written.data_files_written, time.monotonic() - started, new_shape, launch)
+
+
+def _plan(source: SourceCheckpoint, options: ConvertOptions) -> ConversionPlan | PreshardedPlan:
+    parallel = ParallelShape(options.tp, options.ep)
+    if options.output_format == "experts":
+        return build_plan(source, get_profile(options.profile), parallel, options.part_size)
+    return build_presharded_plan(source, PreshardedTarget(parallel, options.gpu_arch), options.ranks)  # type: ignore[arg-type]
+
+
+def dry_run(source_dir: str | os.PathLike, out: str | os.PathLike, options: ConvertOptions) -> Estimate:
+    """What `convert` would write into `out`, per rank and in all, and whether it fits; reads only
+    the source's headers and writes nothing."""
+    options.check()
+    with SourceCheckpoint.open(source_dir) as source:
+        plan = _plan(source, options)
+        _check_out_folder(Path(out), source)
+        return estimate(plan, Path(out), options.overwrite)
 
 
 DIGESTS_FILE = "digests.json"  # in the work area: source digests completed so far, for a rerun

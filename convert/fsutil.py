@@ -72,17 +72,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 MAX_JSON_BYTES = 256 * 1024 * 1024  # the index of a 96k-tensor checkpoint is about 10 MB
 
 
-def confined(root: Path, rel: object, where: str) -> Path:
+def confined(root: Path, rel: object, where: str, also_within: Path | None = None) -> Path:
     """`root / rel` for a relative path read from a file (manifest, journal, index, checksum.json, a
     Hub listing), refused in one line naming `where` unless it stays inside `root`: no absolute
-    path, no `..`, nothing that resolves (through a symbolic link) outside `root`."""
+    path, no `..`, nothing that resolves (through a symbolic link) outside `root`. `also_within` is
+    the one other place a link may lead (a Hub cache snapshot's files are links into its `blobs/`)."""
     if not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel) or ".." in Path(rel).parts \
             or rel.startswith("~"):
         raise ConvertError(f"{where}: names {rel!r}, which is not a path inside {root}; refused")
     path = root / rel
     base = root.resolve()
     resolved = path.resolve()
-    if resolved != base and base not in resolved.parents:
+    bases = [base] + ([also_within.resolve()] if also_within is not None else [])
+    if not any(resolved == b or b in resolved.parents for b in bases):
         raise ConvertError(f"{where}: {rel!r} resolves outside {root} ({resolved}); refused")
     return path
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from convert import model, output_format
 from convert.errors import ConvertError
@@ -17,26 +18,28 @@ from convert.manifest import Manifest
 from convert.output_format import ConfigBlock
 from convert.parallel import ParallelShape
 from convert.safetensors_file import read_header
+from convert.estimate import planned_files
+from convert.plan import build_presharded_plan
+from convert.sglang_state import DEFAULT_GPU_ARCH, PreshardedTarget
 from convert.source import SourceCheckpoint
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
+from convert.units import human_bytes
 
 
 @dataclass
 class Summary:
+    """What `inspect` found: lines for people, and the same facts as plain data (`--json`)."""
+
     lines: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
 
     def add(self, key: str, value: object = "") -> None:
         self.lines.append(f"{key:<28}{value}" if value != "" else key)
 
     def render(self) -> str:
         return "\n".join(self.lines)
+
+    def to_json(self) -> str:
+        return json.dumps(self.data, indent=2, sort_keys=True)
 
 
 def _dtype_census(tensors) -> str:
@@ -45,7 +48,7 @@ def _dtype_census(tensors) -> str:
     for info in tensors:
         counts[info.dtype] += 1
         sizes[info.dtype] += info.nbytes
-    return ", ".join(f"{d} {counts[d]} tensors / {_human(sizes[d])}" for d in sorted(counts))
+    return ", ".join(f"{d} {counts[d]} tensors / {human_bytes(sizes[d])}" for d in sorted(counts))
 
 
 def inspect_path(path: str | Path) -> Summary:
@@ -57,6 +60,11 @@ def inspect_path(path: str | Path) -> Summary:
 
 
 def _model_lines(s: Summary, shape: model.ModelShape, config: dict) -> None:
+    s.data["model"] = {"architectures": config.get("architectures", []), "num_layers": shape.num_layers,
+                       "num_experts": shape.num_experts, "top_k": shape.top_k, "hidden_size": shape.hidden_size,
+                       "intermediate_size": shape.intermediate_size, "num_attention_heads": shape.num_attention_heads,
+                       "num_key_value_heads": shape.num_key_value_heads, "head_dim": shape.head_dim,
+                       "quantization_config": config.get("quantization_config")}
     s.add("architecture", ", ".join(config.get("architectures", [])) or config.get("model_type"))
     s.add("layers x experts (top-k)", f"{shape.num_layers} x {shape.num_experts} (top-{shape.top_k})")
     s.add("hidden / intermediate", f"{shape.hidden_size} / {shape.intermediate_size}")
@@ -68,11 +76,15 @@ def _model_lines(s: Summary, shape: model.ModelShape, config: dict) -> None:
 
 def _inspect_source(path: Path) -> Summary:
     with SourceCheckpoint.open(path) as src:
-        s = Summary()
+        s = Summary(data={"kind": "source", "path": str(src.root)})
         s.add(f"source checkpoint: {src.root}")
         _model_lines(s, src.shape, src.config)
-        s.add("routed experts", f"{src.kind.upper()} ({src.expert_dtype}), {_human(src.expert_bytes())}")
-        s.add("shards", f"{len(src.files)} files, {_human(sum(f.size for f in src.files))}")
+        s.data.update(experts={"kind": src.kind, "dtype": src.expert_dtype, "bytes": src.expert_bytes()},
+                      shards=[{"name": f.name, "bytes": f.size} for f in src.files],
+                      tensors=dict(Counter(i.dtype for i in src.tensors.values())),
+                      auxiliary_files=src.auxiliary_files(), shapes=[])
+        s.add("routed experts", f"{src.kind.upper()} ({src.expert_dtype}), {human_bytes(src.expert_bytes())}")
+        s.add("shards", f"{len(src.files)} files, {human_bytes(sum(f.size for f in src.files))}")
         s.add("tensors", f"{len(src.tensors)}: {_dtype_census(src.tensors.values())}")
         s.add("auxiliary files", ", ".join(src.auxiliary_files()) or "none")
         for tp, ep in ((4, 1), (4, 4), (8, 1), (8, 8)):
@@ -80,9 +92,17 @@ def _inspect_source(path: Path) -> Summary:
             try:
                 shape.validate(src.shape)
                 ip = shape.padded_intermediate_size(src.shape)
-                s.add(f"  {shape.label} would give", f"{shape.experts_per_rank(src.shape)} experts/rank, I_p {ip}")
+                files, per_rank = planned_files(build_presharded_plan(src, PreshardedTarget(shape, DEFAULT_GPU_ARCH)))
+                total = sum(f.bytes for f in files)
+                s.add(f"  {shape.label} would give", f"{shape.experts_per_rank(src.shape)} experts/rank, I_p {ip}; "
+                      f"presharded {DEFAULT_GPU_ARCH}: {len(files)} files, {human_bytes(total)}, "
+                      f"{human_bytes(max(per_rank))} per rank")
+                s.data["shapes"].append({"tp": tp, "ep": ep, "experts_per_rank": shape.experts_per_rank(src.shape),
+                                         "padded_intermediate_size": ip, "presharded_files": len(files),
+                                         "presharded_bytes": total, "rank_bytes": list(per_rank)})
             except ConvertError as exc:
                 s.add(f"  {shape.label}", f"not possible: {exc}")
+                s.data["shapes"].append({"tp": tp, "ep": ep, "error": str(exc)})
         return s
 
 
@@ -96,7 +116,7 @@ def _presharded_lines(s: Summary, path: Path, entry, block: ConfigBlock) -> None
     s.add(f"shape {entry.parallel.label}", f"presharded for SGLang {entry.sglang_version} on "
           f"{GPU_ARCH_NAMES.get(entry.gpu_arch or '', entry.gpu_arch)}: {ranks}, moe_tp {entry.moe_tp}, "
           f"I_p {entry.padded_intermediate_size}, {entry.experts_per_rank} experts/rank")
-    s.add("  folder", f"{entry.dir} ({len(files)} tensor files, {_human(sum(f.stat().st_size for f in files))}, "
+    s.add("  folder", f"{entry.dir} ({len(files)} tensor files, {human_bytes(sum(f.stat().st_size for f in files))}, "
           f"READY {'present' if (folder / presharded.READY_NAME).is_file() else 'MISSING'})")
     try:
         plan = json.loads((folder / presharded.CHECKSUM_NAME).read_text())
@@ -114,7 +134,7 @@ def _presharded_lines(s: Summary, path: Path, entry, block: ConfigBlock) -> None
 def _inspect_converted(path: Path, config: dict) -> Summary:
     block = ConfigBlock.from_dict(config[output_format.CONFIG_BLOCK_KEY], str(path / output_format.CONFIG_NAME))
     shape = model.read_model_shape(config, str(path / output_format.CONFIG_NAME))
-    s = Summary()
+    s = Summary(data={"kind": "converted", "path": str(path), "block": config[output_format.CONFIG_BLOCK_KEY]})
     s.add(f"converted checkpoint: {path}")
     _model_lines(s, shape, config)
     s.add("profile", f"{block.profile} (use_shuffled_weight={block.use_shuffled_weight}, weight_layout={block.weight_layout})")
@@ -150,13 +170,17 @@ def _inspect_converted(path: Path, config: dict) -> Summary:
         manifest = Manifest.load(path)
     except ConvertError as exc:
         s.add("manifest", f"MISSING or unreadable ({exc})")
+        s.data["manifest"] = {"error": str(exc)}
     else:
         missing = [f.path for f in manifest.files if not (path / f.path).is_file()]
         wrong = [f.path for f in manifest.files if (path / f.path).is_file() and (path / f.path).stat().st_size != f.size]
         state = "complete" if not missing and not wrong else f"{len(missing)} missing, {len(wrong)} wrong size"
-        s.add("manifest", f"{state}: {len(manifest.files)} files, {_human(sum(f.size for f in manifest.files))} "
+        s.add("manifest", f"{state}: {len(manifest.files)} files, {human_bytes(sum(f.size for f in manifest.files))} "
               f"(sizes checked; `validate` checks hashes)")
         src = manifest.source
+        s.data["manifest"] = {"files": len(manifest.files), "bytes": sum(f.size for f in manifest.files),
+                              "missing": missing, "wrong_size": wrong, "source": asdict(src),
+                              "validation": manifest.validation}
         s.add("source", f"{src.repo_id or src.path}" + (f" @ {src.revision}" if src.revision else ""))
         if manifest.validation:
             for key, result in sorted(manifest.validation.items()):
@@ -165,4 +189,5 @@ def _inspect_converted(path: Path, config: dict) -> Summary:
             s.add("validation", "not run yet")
     if work.exists() and (work / "fingerprint.json").exists():
         s.add("in progress", f"an unfinished conversion is staged in {work}")
+    s.data["in_progress"] = bool(work.exists() and (work / "fingerprint.json").exists())
     return s

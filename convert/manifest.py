@@ -40,12 +40,15 @@ class SourceIdentity:
     path: str
     kind: str  # "fp8" or "bf16"
     files: tuple[SourceFileEntry, ...]
+    # the source's own model-card metadata the output's card carries over (licence, language, tags)
+    card: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, source: SourceCheckpoint, repo_id: str | None = None, revision: str | None = None,
-           file_sha256: dict[str, str] | None = None) -> "SourceIdentity":
+           file_sha256: dict[str, str] | None = None, card: dict[str, Any] | None = None) -> "SourceIdentity":
         hashes = file_sha256 or {}
         return cls(
+            card=dict(card or {}),
             repo_id=repo_id,
             revision=revision,
             path=source.root.name,
@@ -126,6 +129,7 @@ class Manifest:
                     path=src["path"],
                     kind=src["kind"],
                     files=tuple(SourceFileEntry(**f) for f in src["files"]),
+                    card=dict(src.get("card") or {}),
                 ),
                 profile=d["profile"],
                 recipe=d.get("recipe", {}),

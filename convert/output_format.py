@@ -18,6 +18,7 @@ CONFIG_NAME = "config.json"
 CONFIG_BLOCK_KEY = "mm_convert"
 MANIFEST_NAME = "mm_convert.json"
 MODEL_CARD_NAME = "README.md"
+CHART_NAME = "validation.svg"  # the per-layer error chart the card shows, when validation recorded one
 INDEX_NAME = "model.safetensors.index.json"
 EXPERTS_DIR = "experts"
 WORK_DIR = ".mm-convert"  # staging, lock and journal of a conversion in progress

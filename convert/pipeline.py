@@ -62,10 +62,10 @@ def prepare_source(recipe: Recipe, quiet: bool = False) -> tuple[Path, bool, str
         return folder, True, f"made the built-in tiny model ({spec.tiny_dtype}, seed {spec.tiny_seed}) at {folder}"
     from convert.hub import download
 
-    folder = recipe.work_path / "source"
-    result = download(spec.repo_id or "", folder, spec.revision, quiet=quiet)
-    return folder, bool(result.downloaded), (f"{spec.repo_id}@{result.record.revision[:12]}: {len(result.downloaded)} "
-                                             f"fetched and verified, {len(result.reused)} already verified")
+    result = download(spec.repo_id or "", None, spec.revision, quiet=quiet)
+    return result.folder, bool(result.downloaded), (
+        f"{spec.repo_id}@{result.record.revision[:12]}: {len(result.downloaded)} fetched and verified, "
+        f"{len(result.reused)} already verified, in the Hugging Face cache")
 
 
 def _step(result: RunResult, name: str, fn):

@@ -14,33 +14,17 @@ resolved against the current directory.
 
 from __future__ import annotations
 
-import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from convert.errors import ConvertError
+from convert.units import parse_size
 from convert.output_format import DEFAULT_PART_SIZE
 from convert.sglang_state import DEFAULT_GPU_ARCH
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 KERNELS = ("auto", "reference", "triton", "cutlass", "trtllm")
-
-
-def parse_size(value: Any, what: str = "size") -> int:
-    """`5GB`, `500MB`, `2GiB` or a plain number of bytes."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        n = value
-    else:
-        m = _SIZE_RE.match(str(value))
-        if not m:
-            raise ConvertError(f"{what}: cannot read {value!r} as a size (e.g. 5GB, 500MB, 2GiB)")
-        n = int(float(m[1]) * _UNITS[(m[2] or "B").upper()])
-    if n <= 0:
-        raise ConvertError(f"{what}: must be positive, got {value!r}")
-    return n
 
 
 @dataclass(frozen=True)

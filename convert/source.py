@@ -18,6 +18,7 @@ import torch
 from convert import model
 from convert.errors import ConvertError
 from convert.fsutil import confined, read_json_object, regular_file_problem
+from convert.hf_cache import snapshot_of
 from convert.model import ModelShape
 from convert.safetensors_file import TensorInfo, pread_into, read_header, tensor_bytes
 
@@ -197,8 +198,11 @@ class SourceCheckpoint:
 
 def _inside(root: Path, name: str, referrer: str) -> Path:
     """A file named by the source (its index, its folder listing), confined to the source folder and
-    a regular file (a FIFO would hang the reader, a device would never end)."""
-    path = confined(root, name, f"{root / referrer}" if referrer == INDEX_NAME else f"{root}: {referrer}")
+    a regular file (a FIFO would hang the reader, a device would never end). A Hub cache snapshot's
+    files are links into the repo's `blobs/`, which is the one other place they may lead."""
+    snapshot = snapshot_of(root)
+    path = confined(root, name, f"{root / referrer}" if referrer == INDEX_NAME else f"{root}: {referrer}",
+                    also_within=snapshot.blobs if snapshot else None)
     problem = regular_file_problem(path)
     if problem:
         raise ConvertError(f"{path}: named by {referrer} but {problem}")

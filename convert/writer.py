@@ -113,7 +113,10 @@ class StagedFile:
 
     def abort(self) -> None:
         if not self._f.closed:
-            self._f.close()
+            try:
+                self._f.close()  # flushes what is buffered: on a full disk that fails again
+            except OSError:
+                pass  # the file is removed next; the first error is the one reported
         self.partial.unlink(missing_ok=True)
 
 

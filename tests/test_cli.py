@@ -111,3 +111,48 @@ def test_threads_option_is_checked(cli, tiny_fp8, tmp_path):
     assert cli("convert", tiny_fp8, tmp_path / "a", "--threads", "1", "-q").returncode == 0
     r = cli("convert", tiny_fp8, tmp_path / "b", "--threads", "0", "-q")
     assert r.returncode != 0 and "--threads" in r.stderr and not (tmp_path / "b").exists()
+
+
+def _tensor_files(out):
+    return {p.relative_to(out).as_posix(): p.stat().st_size for p in out.rglob("*")
+            if p.is_file() and p.name.endswith((".safetensors", ".safetensor")) and ".mm-convert" not in p.parts}
+
+
+@pytest.mark.parametrize("fmt", ["experts", "presharded"])
+def test_dry_run_writes_nothing_and_its_plan_matches_the_conversion(cli, tiny_fp8, tmp_path, fmt):
+    out = tmp_path / "out"
+    args = ("convert", tiny_fp8, out, "--tp", "4", "--format", fmt, "-q")
+    r = cli(*args, "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    assert not out.exists()  # nothing written, not even the folder
+    plan = json.loads(r.stdout)
+    assert plan["format"] == fmt and len(plan["rank_bytes"]) == 4
+    assert plan["needed_bytes"] == plan["total_bytes"] == sum(f["bytes"] for f in plan["files"])
+    assert plan["fits"] is True and plan["free_bytes"] > 0
+    text = cli(*args, "--dry-run")
+    assert text.returncode == 0 and "nothing was written" in text.stdout and not out.exists()
+
+    assert cli(*args).returncode == 0
+    written = _tensor_files(out)
+    planned = {f["path"]: f["bytes"] for f in plan["files"]}
+    if fmt == "experts":
+        assert planned == written  # exact: every file, every byte
+    else:
+        # Presharded stores equal tensors once, found by hashing: the plan is an upper bound.
+        assert set(written) <= set(planned)
+        assert 0.99 * sum(planned.values()) <= sum(written.values()) <= sum(planned.values())
+        assert "--load-format presharded" in plan["launch_command"]
+        assert plan["launch_command"] in text.stdout
+    again = json.loads(cli(*args, "--dry-run", "--json").stdout)
+    assert again["needed_bytes"] == 0 and again["present_bytes"] >= sum(written.values())  # a rerun writes nothing
+
+
+def test_json_output_of_inspect_and_validate_parses(cli, tiny_fp8, tmp_path):
+    out = tmp_path / "out"
+    assert cli("convert", tiny_fp8, out, "--tp", "2", "-q").returncode == 0
+    for args in (("inspect", out), ("inspect", tiny_fp8), ("validate", out, "--source", tiny_fp8)):
+        r = cli(*args, "--json")
+        assert r.returncode == 0, (args, r.stderr)
+        json.loads(r.stdout)  # the whole stdout is one JSON document
+    report = json.loads(cli("validate", out, "--json").stdout)
+    assert report["passed"] is True, report

@@ -203,22 +203,61 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
                           capture_output=True).returncode == 0
 
 
+def _fill(disk: Path) -> Path:
+    """Write a filler file until the disk is full."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
 def test_disk_full_fails_cleanly_and_resumes_after_freeing_space(tiny_fp8, tmp_path):
+    """The disk fills up while the conversion writes (the up-front check passed): the run fails
+    cleanly, and after space is freed the rerun resumes."""
     disk = tmp_path / "small-disk"
-    if not _mount_tmpfs(disk, "9m"):
+    if not _mount_tmpfs(disk, "64m"):
         pytest.skip("cannot mount a small tmpfs here (not root); the file-size-limit test covers the write path")
     try:
         out = disk / "out"
-        r = run_cli("convert", tiny_fp8, out, "--tp", "2", "-q")
-        assert r.returncode != 0
-        assert len(r.stderr.strip().splitlines()) == 1 and "the disk is full" in r.stderr
+        proc = subprocess.Popen([sys.executable, "-c", SLOW_WRAPPER, "convert", str(tiny_fp8), str(out), "--tp", "2", "-q"],
+                                env={**os.environ, "PYTHONPATH": str(REPO), "MM_TEST_SLOW": "write", "MM_CONVERT_TRACEBACK": "1"},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not _partial_written(out) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        filler = _fill(disk)
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode != 0
+        assert len(stderr.strip().splitlines()) == 1 and "the disk is full" in stderr, stderr
         assert final_outputs(out) == []
         journaled = _journal_lines(out)
-        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # free space
+        filler.unlink()  # free space
         r = run_cli("convert", tiny_fp8, out, "--tp", "2")
         assert r.returncode == 0, r.stderr
         assert f"{journaled} reused" in r.stdout or journaled == 0
         assert run_cli("validate", out, "--source", tiny_fp8, "--kernel", "reference", "--layers", "0").returncode == 0
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.mark.parametrize("fmt", ["experts", "presharded"])
+def test_too_little_disk_is_refused_before_anything_is_written(tiny_fp8, tmp_path, fmt):
+    disk = tmp_path / "small-disk"
+    if not _mount_tmpfs(disk, "4m"):
+        pytest.skip("cannot mount a small tmpfs here (not root)")
+    try:
+        out = disk / "out"
+        r = run_cli("convert", tiny_fp8, out, "--tp", "2", "--format", fmt, "-q")
+        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "the output needs" in r.stderr and "nothing was written" in r.stderr
+        assert not out.exists()  # not even the work area or its lock
+        r = run_cli("convert", tiny_fp8, out, "--tp", "2", "--format", fmt, "--dry-run")
+        assert r.returncode == 0 and "DOES NOT FIT" in r.stdout and not out.exists()
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 

@@ -263,11 +263,16 @@ def _report_quant_errors(report: Report, label: str, errors: list[tuple[float, i
         report.add(Finding(QCHECK, "fail", f"{proj}: relative error {err:.4f} exceeds {numerics.QUANT_ERROR_LIMIT}",
                            shape=label, layer=layer, expert=expert, metrics={"rel_l2": err}))
     mean = sum(e[0] for e in errors) / len(errors)
+    by_layer: dict[int, list[float]] = {}
+    for err, layer, _, _ in errors:
+        by_layer.setdefault(layer, []).append(err)
+    per_layer = [[layer, len(v), sum(v) / len(v), max(v)] for layer, v in sorted(by_layer.items())]
     listed = ", ".join(f"L{l} e{e} {p} {err:.4f}" for err, l, e, p in worst[:WORST_LISTED])
     report.add(Finding(QCHECK, "pass" if not over else "info",
                        f"{len(errors)} tensors: mean relative error {mean:.4f}, worst {worst[0][0]:.4f} "
                        f"(limit {numerics.QUANT_ERROR_LIMIT}); worst: {listed}",
-                       shape=label, metrics={"mean_rel_l2": mean, "max_rel_l2": worst[0][0],
+                       shape=label, metrics={"mean_rel_l2": mean, "max_rel_l2": worst[0][0], "tensors": len(errors),
+                                             "limit": numerics.QUANT_ERROR_LIMIT, "per_layer": per_layer,
                                              "worst": [list(w) for w in worst[:WORST_LISTED]]}))
 
 

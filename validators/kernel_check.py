@@ -76,13 +76,17 @@ def present_rows(ckpt: ConvertedCheckpoint, entry: ShapeEntry) -> Callable[[int]
     return rows
 
 
-def source_experts(source: SourceCheckpoint, layer: int, device: str = "cpu") -> ExpertWeights:
-    """The FP8 weights the kernel should be running, from the source (BF16 sources quantised here)."""
+def source_experts(source: SourceCheckpoint, layer: int, device: str = "cpu", quantised: bool = True) -> ExpertWeights:
+    """The FP8 weights the kernel should be running, from the source (BF16 sources quantised here);
+    `quantised=False`: a BF16 source's own weights, for what quantisation costs at the output."""
 
     def get(e: int):
         mats = []
         for proj in ("w1", "w3", "w2"):
             w = source.read(model.expert_weight_name(layer, e, proj)).to(device)
+            if not quantised and source.kind != "fp8":
+                mats.append(w.float())
+                continue
             if source.kind == "fp8":
                 s = source.read(model.expert_scale_name(layer, e, proj)).to(device)
             else:
@@ -163,6 +167,11 @@ def run(ckpt: ConvertedCheckpoint, source: SourceCheckpoint | None, report: Repo
             reference = source_reference(inputs, experts, backend.device, present_rows(ckpt, entry))
             metrics = numerics.compare_outputs(out, reference)
             metrics["seconds"] = round(kernel_seconds, 3)
+            if source is not None and source.kind != "fp8":  # not a pass criterion: the card's error column
+                unquantised = source_reference(inputs, source_experts(source, layer, backend.device, quantised=False),
+                                               backend.device, present_rows(ckpt, entry))
+                vs_source = numerics.compare_outputs(out, unquantised)
+                metrics.update(vs_source_rel_l2=vs_source["rel_l2"], vs_source_cosine=vs_source["cosine"])
             ok = numerics.passes(metrics, backend.tolerance)
             unwritten = int(torch.isnan(out).sum())
             message = (f"{backend.name} on {len(entry.present_ranks)} ranks vs float32 reference from the "

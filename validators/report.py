@@ -148,6 +148,9 @@ class Report:
             "not_run": [f.line() for f in self.skipped()],
             "checks": {k: {s: n for s, n in v.items() if s != "skip"} for k, v in self.by_check().items()
                        if v.get("pass") or v.get("fail")},
+            # BF16 sources: the expert weights' quantisation error, per layer (for the card's table and chart)
+            "quant_error": next((f.metrics for f in self.findings if f.check == "quant-error" and "per_layer" in f.metrics),
+                                None),
             "kernel_rows": [
                 {"shape": f.shape, "layer": f.layer, "status": f.status, **f.metrics} for f in self.kernel_rows()
             ],
