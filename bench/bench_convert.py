@@ -58,7 +58,7 @@ for name in sorted(os.listdir(src)):
 """
 CONVERT = """
 import sys
-from convert.cli import main
+from mm_convert.cli import main
 src, dst, profile = sys.argv[1:4]
 sys.argv = ["mm-convert", "convert", src, dst, "--profile", profile, "--tp", "4", "--quiet"] + sys.argv[4:]
 try:
@@ -117,7 +117,7 @@ def machine() -> dict:
 
 
 def make_sources(work: Path, layers: int, kinds: set[str]) -> dict[str, Path]:
-    from convert.tiny import REAL_LAYER, make_synthetic
+    from mm_convert.read.tiny import REAL_LAYER, make_synthetic
 
     spec = replace(REAL_LAYER, num_layers=layers, num_shards=2 * layers + 1)
     sources = {}

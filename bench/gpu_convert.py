@@ -30,10 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.cuda_timing import median_ms  # noqa: E402
-from convert.model import ModelShape  # noqa: E402
-from convert.parallel import ParallelShape  # noqa: E402
-from convert.profiles import PROFILES, Down, GateUp  # noqa: E402
-from convert.quant import quantize_fp8_block  # noqa: E402
+from mm_convert.model import ModelShape  # noqa: E402
+from mm_convert.plan.parallel import ParallelShape  # noqa: E402
+from mm_convert.transform.profiles import PROFILES, Down, GateUp  # noqa: E402
+from mm_convert.transform.quant import quantize_fp8_block  # noqa: E402
 
 REAL = ModelShape(hidden_size=3072, intermediate_size=1536, num_layers=1, num_experts=256, top_k=8,
                   num_attention_heads=48, num_key_value_heads=8, head_dim=128, vocab_size=4096)
@@ -98,7 +98,7 @@ def _hashes(folder: Path) -> dict[str, str]:
 
 
 def part_e2e(work: Path, layers: int) -> None:
-    from convert.tiny import REAL_LAYER, make_synthetic
+    from mm_convert.read.tiny import REAL_LAYER, make_synthetic
 
     runs = []
     for dtype, profile in (("bf16", "sglang"), ("fp8", "trtllm")):
@@ -113,7 +113,7 @@ def part_e2e(work: Path, layers: int) -> None:
             out = work / f"e2e-out-{dtype}-{device}"
             shutil.rmtree(out, ignore_errors=True)
             t0 = time.monotonic()
-            proc = subprocess.run([sys.executable, "-m", "convert.cli", "convert", str(src), str(out), "--tp", "4",
+            proc = subprocess.run([sys.executable, "-m", "mm_convert.cli", "convert", str(src), str(out), "--tp", "4",
                                    "--profile", profile, "--device", device, "--quiet"],
                                   capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
             wall = time.monotonic() - t0

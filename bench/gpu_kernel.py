@@ -31,15 +31,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.cuda_timing import median_ms  # noqa: E402
-from convert.model import ModelShape  # noqa: E402
-from convert.parallel import ParallelShape  # noqa: E402
-from convert.profiles import PROFILES, Down, GateUp  # noqa: E402
-from convert.quant import quantize_fp8_block  # noqa: E402
-from validators import kernel_check  # noqa: E402
-from validators.kernels.base import RankWeights  # noqa: E402
-from validators.kernels.reference import ReferenceBackend  # noqa: E402
-from validators.numerics import FP8_KERNEL, compare_outputs, passes  # noqa: E402
-from validators.routing import route, unpack_topk  # noqa: E402
+from mm_convert.model import ModelShape  # noqa: E402
+from mm_convert.plan.parallel import ParallelShape  # noqa: E402
+from mm_convert.transform.profiles import PROFILES, Down, GateUp  # noqa: E402
+from mm_convert.transform.quant import quantize_fp8_block  # noqa: E402
+from mm_convert.validators import kernel_check  # noqa: E402
+from mm_convert.validators.kernels.base import RankWeights  # noqa: E402
+from mm_convert.validators.kernels.reference import ReferenceBackend  # noqa: E402
+from mm_convert.validators.numerics import FP8_KERNEL, compare_outputs, passes  # noqa: E402
+from mm_convert.validators.routing import route, unpack_topk  # noqa: E402
 
 REAL = ModelShape(hidden_size=3072, intermediate_size=1536, num_layers=2, num_experts=256, top_k=8,
                   num_attention_heads=48, num_key_value_heads=8, head_dim=128, vocab_size=4096)
@@ -89,10 +89,10 @@ def part_env():
 
 
 def part_tiny(work: Path):
-    from convert.execute import ConvertOptions, convert
-    from convert.tiny import TINY, make_synthetic
-    from validators.kernels.select import select
-    from validators.run import validate
+    from mm_convert.commands.convert import ConvertOptions, convert
+    from mm_convert.read.tiny import TINY, make_synthetic
+    from mm_convert.validators.kernels.select import select
+    from mm_convert.validators.run import validate
 
     rows = []
     for dtype in ("fp8", "bf16"):
@@ -170,7 +170,7 @@ RANK_CASES = [  # (label, tp, ep, rank)
 
 
 def part_sweep():
-    from validators.kernels.triton_moe import TritonBackend
+    from mm_convert.validators.kernels.triton_moe import TritonBackend
 
     src, gate, bias = real_layer(0)
     tri, ref = TritonBackend("cuda"), ReferenceBackend("cuda")
@@ -196,7 +196,7 @@ def part_sweep():
 
 
 def part_perf():
-    from validators.kernels.triton_moe import TritonBackend
+    from mm_convert.validators.kernels.triton_moe import TritonBackend
 
     src, gate, bias = real_layer(1)
     tri = TritonBackend("cuda")
@@ -230,7 +230,7 @@ def part_perf():
 
 def part_tune():
     """A few launch configurations at both ends of the token range (TP4 rank 0, sglang)."""
-    from validators.kernels.triton_moe import TritonBackend
+    from mm_convert.validators.kernels.triton_moe import TritonBackend
 
     src, gate, bias = real_layer(2)
     w = rank_weights_for(src, ParallelShape(4, 1), 0, "sglang")
@@ -256,9 +256,9 @@ def part_tune():
 
 
 def part_realsize(work: Path):
-    from convert.execute import ConvertOptions, convert
-    from convert.tiny import REAL_LAYER, make_synthetic
-    from validators.run import validate
+    from mm_convert.commands.convert import ConvertOptions, convert
+    from mm_convert.read.tiny import REAL_LAYER, make_synthetic
+    from mm_convert.validators.run import validate
 
     src = work / "real-fp8"
     t0 = time.monotonic()

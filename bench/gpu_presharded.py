@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from convert.execute import ConvertOptions, convert
-from convert.quant import requant_ue8m0
-from convert.tiny import REAL_LAYER, make_synthetic
-from validators.run import validate
+from mm_convert.commands.convert import ConvertOptions, convert
+from mm_convert.transform.quant import requant_ue8m0
+from mm_convert.read.tiny import REAL_LAYER, make_synthetic
+from mm_convert.validators.run import validate
 
 # (rows, cols) of qkv_proj and o_proj per rank of MiniMax-M2.5 (48 q heads, 8 KV heads, head_dim 128, hidden 3072)
 SHAPES = {

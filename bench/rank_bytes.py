@@ -2,7 +2,7 @@
 
     python bench/rank_bytes.py
 
-Computed from MiniMax-M2.5's real shapes (convert.model, convert.profiles, convert.parallel), no data
+Computed from MiniMax-M2.5's real shapes (mm_convert.model, mm_convert.transform.profiles, mm_convert.plan.parallel), no data
 needed. Loading the original FP8 checkpoint, SGLang's FusedMoE loader reads every expert tensor the
 rank takes a slice of in full and narrows it afterwards (docs/research/sglang-0.5.23.md), so a TP rank
 (ep 1) reads all 256 experts of every layer and an EP rank reads its block. With the per-rank layout
@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from convert.model import ModelShape, scale_shape  # noqa: E402
-from convert.parallel import ParallelShape  # noqa: E402
-from convert.profiles import PROFILES  # noqa: E402
+from mm_convert.model import ModelShape, scale_shape  # noqa: E402
+from mm_convert.plan.parallel import ParallelShape  # noqa: E402
+from mm_convert.transform.profiles import PROFILES  # noqa: E402
 
 M25 = ModelShape(hidden_size=3072, intermediate_size=1536, num_layers=62, num_experts=256, top_k=8,
                  num_attention_heads=48, num_key_value_heads=8, head_dim=128, vocab_size=200064)

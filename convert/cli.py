@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -14,20 +15,29 @@ from typing import Optional
 
 import typer
 
-from convert import __version__
-from convert.errors import ConvertError
-from convert.recipe import ConvertSpec, load_recipe, override
-from convert.units import parse_size
+from mm_convert import __version__
+from mm_convert.errors import MMConvertError
+from mm_convert.recipe import ConvertSpec, PublishSpec, ValidateSpec, load_recipe, override
+from mm_convert.units import human_bytes, parse_size
+
+SIZES_RULE = ("Sizes: decimal units as the Hub prints them (kB, MB, GB, TB = 10^3 ... 10^12 bytes); "
+              "binary KiB, MiB, GiB, TiB are read too; a bare number is bytes.")
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Convert MiniMax-M2.5 into kernel-ready FP8 expert layouts for FlashInfer's routed MoE kernel.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Convert MiniMax-M2.5 into kernel-ready FP8 expert layouts for FlashInfer's routed MoE kernel.\n\n"
+         + SIZES_RULE + " Exit status: 0 success, 1 failure, 2 usage error, 3 a validation check did not run, "
+         "130 interrupted.",
 )
 
 EXIT_FAILED = 1
+EXIT_USAGE = 2
 EXIT_INCOMPLETE = 3  # validate: nothing failed, but a check asked for did not run
+EXIT_INTERRUPTED = 130
+log = logging.getLogger("mm_convert")
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> None:
@@ -42,8 +52,20 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")):
-    pass
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+          verbose: int = typer.Option(0, "--verbose", "-v", count=True,
+                                      help="Say what each step decides (-vv: debug detail, and a traceback on an "
+                                           "internal error).")):
+    # Messages go to stderr, so `--json` and `download`'s snapshot path stay alone on stdout.
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="mm-convert: %(message)s", stream=sys.stderr)
+    log.setLevel(level)
+    if verbose >= 2:
+        os.environ["MM_CONVERT_TRACEBACK"] = "1"
+
+
+def _size(text: str | None, flag: str) -> int | None:
+    return None if text is None else parse_size(text, flag)
 
 
 @app.command("make-tiny")
@@ -53,32 +75,40 @@ def make_tiny(
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same bytes."),
 ):
     """Write a small random MiniMax-M2-shaped checkpoint (every tensor name, a real config.json)."""
-    from convert.tiny import TINY, make_synthetic
+    from mm_convert.read.tiny import TINY, make_synthetic
 
     out = make_synthetic(directory, TINY, dtype, seed)
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     typer.echo(f"wrote {dtype} tiny checkpoint to {out} ({size / 1e6:.1f} MB, {TINY.num_layers} layers x {TINY.num_experts} experts)")
 
 
+_C, _V, _P = ConvertSpec(), ValidateSpec(), PublishSpec()  # the defaults, shown in --help
+
+
 @app.command()
 def convert(
-    source: Optional[str] = typer.Argument(None, help="Source folder (or Hub repo id). Optional with --recipe."),
+    source: Optional[str] = typer.Argument(None, help="Source folder, Hugging Face cache snapshot, or Hub repo id. "
+                                           "Optional with --recipe."),
     out: Optional[Path] = typer.Argument(None, help="Output folder. Optional with --recipe."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="A TOML recipe; flags override it."),
     fmt: Optional[str] = typer.Option(None, "--format", help="presharded (SGLang's --load-format presharded; the default "
                                       "for the sglang profile) or experts (kernel-ready experts beside standard shards)."),
-    profile: Optional[str] = typer.Option(None, "--profile", help="sglang (MajorK, unshuffled) or trtllm (shuffled, BlockMajorK)."),
-    tp: Optional[int] = typer.Option(None, "--tp", help="Tensor-parallel size of the serving launch (1-16)."),
-    ep: Optional[int] = typer.Option(None, "--ep", help="Expert-parallel size (divides tp and the experts)."),
-    part_size: Optional[str] = typer.Option(None, "--part-size", help="Largest expert part file, e.g. 5GB (default) or 500MB."),
-    gpu_arch: Optional[str] = typer.Option(None, "--gpu-arch", help="presharded: sm100 (Blackwell, default: the routed "
-                                           "kernel's GPU) or sm90 (Hopper; also what SGLang on a CPU holds)."),
+    profile: Optional[str] = typer.Option(None, "--profile", help=f"sglang (MajorK, unshuffled) or trtllm (shuffled, "
+                                          f"BlockMajorK). Default {_C.profile}."),
+    tp: Optional[int] = typer.Option(None, "--tp", help=f"Tensor-parallel size of the serving launch (1-16). Default {_C.tp}."),
+    ep: Optional[int] = typer.Option(None, "--ep", help=f"Expert-parallel size (divides tp and the experts). Default {_C.ep}."),
+    part_size: Optional[str] = typer.Option(None, "--part-size", help=f"experts format: largest expert part file. "
+                                            f"Default {human_bytes(_C.part_size)}."),
+    gpu_arch: Optional[str] = typer.Option(None, "--gpu-arch", help=f"presharded: sm100 (Blackwell: the routed "
+                                           f"kernel's GPU) or sm90 (Hopper; also what SGLang on a CPU holds). Default {_C.gpu_arch}."),
     ranks: Optional[str] = typer.Option(None, "--ranks", help="presharded: write only these ranks' files, e.g. 0,1 or 0-3 "
-                                        "(byte-identical to a full run's)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda: where quantisation and layout run."),
-    chunk_size: str = typer.Option("256MB", "--chunk-size", help="Working set per chunk of experts (memory vs. speed)."),
+                                        "(byte-identical to a full run's). Default all."),
+    device: Optional[str] = typer.Option(None, "--device", help=f"cpu or cuda: where quantisation and layout run. "
+                                         f"Default {_C.device}."),
+    chunk_size: Optional[str] = typer.Option(None, "--chunk-size", help=f"Working set per chunk of experts (memory vs. "
+                                             f"speed). Default {human_bytes(_C.chunk_size)}."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1,
-                                          help="torch threads for quantising and layout (default: half the cores)."),
+                                          help="torch threads for quantising and layout. Default half the cores."),
     revision: Optional[str] = typer.Option(None, "--revision", help="With a Hub repo id as SOURCE: the revision to fetch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different or unfinished conversion in OUT."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (files, bytes per rank, total, free disk at "
@@ -86,55 +116,40 @@ def convert(
     as_json: bool = typer.Option(False, "--json", help="Print the result (or with --dry-run the plan) as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
-    """Quantise (BF16 sources), lay out and write the experts for one parallel shape."""
-    from convert.estimate import render
-    from convert.execute import ConvertOptions, dry_run as plan_only
-    from convert.execute import convert as run_convert
-    from convert.hub import (
-        DownloadRecord,
-        download,
-        looks_like_repo_id,
-    )
+    """Quantise (BF16 sources), lay out and write one parallel shape; prints the launch command."""
+    from mm_convert import api
+    from mm_convert.hub_client import looks_like_repo_id
+    from mm_convert.plan.build import parse_ranks
+    from mm_convert.plan.estimate import render
 
-    spec = ConvertSpec()
-    source_path = source
-    recipe_name = None
+    spec, source_path = ConvertSpec(), source
     if recipe is not None:
-        from convert.pipeline import prepare_source
+        from mm_convert.commands.run import prepare_source
 
         r = load_recipe(recipe)
         spec = r.convert
-        recipe_name = r.name
         source_path = source_path or str(prepare_source(r, quiet)[0])
         out = out or r.output_path
-    from convert.plan import parse_ranks
-
     spec = override(spec, profile=profile, tp=tp, ep=ep, device=device, format=fmt, gpu_arch=gpu_arch,
-                    part_size=parse_size(part_size, "--part-size") if part_size else None)
+                    part_size=_size(part_size, "--part-size"), chunk_size=_size(chunk_size, "--chunk-size"))
     if ranks is not None:
         spec = override(spec, ranks=parse_ranks(ranks, spec.tp))
     if source_path is None or out is None:
         _fail("convert needs SOURCE and OUT (or a --recipe that names them)")
-    if looks_like_repo_id(source_path) and not Path(source_path).exists():
-        if dry_run:
-            source_path = str(_cached_for_dry_run(source_path, revision))
-    if looks_like_repo_id(source_path) and not Path(source_path).exists():
-        fetched = download(source_path, None, revision, quiet=quiet or as_json)
-        typer.echo(f"{source_path}@{fetched.record.revision[:12]}: {len(fetched.downloaded)} files fetched or "
-                   f"verified, converting from the Hugging Face cache at {fetched.folder}", err=True)
-        source_path = str(fetched.folder)
-    record = DownloadRecord.load(Path(source_path))
-    options = ConvertOptions.from_spec(spec, overwrite=overwrite, quiet=quiet or as_json, recipe_name=recipe_name,
-                                       chunk_bytes=parse_size(chunk_size, "--chunk-size"), torch_threads=threads,
-                                       source_repo=record.repo_id if record else None,
-                                       source_revision=record.revision if record else None,
-                                       source_sha256=record.sha256s(Path(source_path)) if record else {})
+    shape = dict(format=spec.format, profile=spec.profile, tp=spec.tp, ep=spec.ep, gpu_arch=spec.gpu_arch,
+                 ranks=spec.ranks, part_size=spec.part_size)
     if dry_run:
-        estimate = plan_only(source_path, out, options)
+        estimate = api.plan(source_path, out, revision=revision, **shape)
         typer.echo(json.dumps({"source": source_path, "out": str(out), **estimate.as_dict()}, indent=2)
                    if as_json else render(estimate, source_path, out))
         return
-    result = run_convert(source_path, out, options)
+    if looks_like_repo_id(source_path) and not Path(source_path).exists():
+        fetched = api.download(source_path, revision=revision, quiet=quiet or as_json)
+        typer.echo(f"{source_path}@{fetched.record.revision[:12]}: {len(fetched.downloaded)} files fetched or "
+                   f"verified, converting from the Hugging Face cache at {fetched.folder}", err=True)
+        source_path, revision = str(fetched.folder), None
+    result = api.convert(source_path, out, **shape, chunk_size=spec.chunk_size, device=spec.device, threads=threads,
+                         revision=revision, overwrite=overwrite, quiet=quiet or as_json)
     if as_json:
         typer.echo(json.dumps(result.as_dict(), indent=2))
         return
@@ -142,55 +157,41 @@ def convert(
     typer.echo(
         f"converted to {result.out}: {result.label} "
         f"(moe_tp {plan.parallel.moe_tp}, I_p {plan.padded_intermediate_size}), {len(result.records)} files, "
-        f"{result.bytes_written / 1e6:.1f} MB written, {result.files_reused} reused, {result.seconds:.1f} s"
+        f"{human_bytes(result.bytes_written)} written, {result.files_reused} reused, {result.seconds:.1f} s"
     )
     if result.launch_command:
         typer.echo(f"serve it with:\n  {result.launch_command}")
-
-
-def _cached_for_dry_run(repo_id: str, revision: str | None) -> Path:
-    """A dry run reads only headers: from the cached snapshot if there is one; otherwise it says what
-    the download would need (the Hub's listing), and stops."""
-    from convert.hub import cached_snapshot_folder, download_size
-
-    folder = cached_snapshot_folder(repo_id, revision)
-    if folder is not None:
-        return folder
-    _fail(download_size(repo_id, revision))
-    raise AssertionError  # _fail does not return
 
 
 @app.command()
 def validate(
     out: Path = typer.Argument(..., help="A converted checkpoint folder."),
     source: Optional[Path] = typer.Option(None, "--source", help="The source it was converted from: enables exactness and quantisation-error checks."),
-    kernel: str = typer.Option("auto", "--kernel", help="auto, reference, triton, cutlass or trtllm."),
+    kernel: str = typer.Option(_V.kernel, "--kernel", help="auto, reference, triton, cutlass or trtllm."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Layers for the kernel check, e.g. 0,30,61 or all (default: first, middle, last)."),
-    tokens: int = typer.Option(64, "--tokens", help="Random tokens per layer for the kernel check."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random hidden states."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda for the reference backend (default: cuda if present)."),
+    tokens: int = typer.Option(_V.tokens, "--tokens", help="Random tokens per layer for the kernel check."),
+    seed: int = typer.Option(_V.seed, "--seed", help="Seed of the random hidden states."),
+    device: Optional[str] = typer.Option(_V.device, "--device", help="cpu or cuda for the reference backend (default: cuda if present)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full JSON report here."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of the table."),
     record: bool = typer.Option(False, "--record", help="Also record the summary in OUT/mm_convert.json (for the model card)."),
     checks: Optional[str] = typer.Option(None, "--checks", help="Which checks to run: structure, exact, kernel "
                                          "(default: all; exact only with --source). One that cannot run fails."),
-    allow_skip: bool = typer.Option(False, "--allow-skip", help="Pass even if a check could not run here "
+    allow_skip: bool = typer.Option(_V.allow_skip, "--allow-skip", help="Pass even if a check could not run here "
                                     "(e.g. --kernel trtllm off Blackwell); without it that exits 3."),
 ):
     """Prove a converted checkpoint complete, exact and kernel-ready; exit non-zero if any check fails."""
-    from validators.run import parse_layers, record_summary
-    from validators.run import validate as run_validate
+    from mm_convert import api
+    from mm_convert.validators.run import parse_layers
 
     if report is not None and not report.parent.resolve().is_dir():
         _fail(f"--report {report}: the folder {report.parent} does not exist")
-    result = run_validate(out, source, kernel, parse_layers(layers), tokens, seed, device,
-                          None if checks is None else tuple(c.strip() for c in checks.split(",") if c.strip()),
-                          allow_skip)
+    result = api.validate(out, source=source, kernel=kernel, layers=parse_layers(layers), tokens=tokens, seed=seed,
+                          device=device, allow_skip=allow_skip, record=record,
+                          checks=None if checks is None else tuple(c.strip() for c in checks.split(",") if c.strip()))
     typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.render())
     if report is not None:
         result.save(report)
-    if record:
-        record_summary(out, result)
     if not result.passed:
         raise typer.Exit(EXIT_INCOMPLETE if result.incomplete else EXIT_FAILED)
 
@@ -205,9 +206,9 @@ def download(
     """Fetch what a conversion needs from a pinned revision; verify every large file's sha256.
 
     HF_HUB_OFFLINE=1: fetch nothing, check the cached snapshot and say what is missing."""
-    from convert.hub import download as run_download
+    from mm_convert import api
 
-    r = run_download(repo_id, directory, revision, quiet=quiet)
+    r = api.download(repo_id, directory, revision=revision, quiet=quiet)
     summary = (f"{repo_id}@{r.record.revision} in {r.folder}: {len(r.downloaded)} files fetched and verified, "
                f"{len(r.reused)} already there, {r.seconds:.1f} s")
     if directory is None:  # like `hf download`: the snapshot folder alone on stdout, for SOURCE=$(...)
@@ -221,21 +222,21 @@ def download(
 def publish(
     out: Path = typer.Argument(..., help="A converted checkpoint folder."),
     repo_id: str = typer.Argument(..., help="Hub repo to create or update."),
-    private: bool = typer.Option(False, "--private", help="Create the repo private."),
-    revision: str = typer.Option("main", "--revision", help="Branch to publish to (created if needed)."),
-    batch_size: str = typer.Option("50GB", "--batch-size", help="Largest commit, e.g. 50GB."),
+    private: bool = typer.Option(_P.private, "--private/--public", help="Create the repo private (the default) or public."),
+    revision: str = typer.Option(_P.revision, "--revision", help="Branch to publish to (created if needed)."),
+    batch_size: str = typer.Option(human_bytes(_P.batch_size).replace(" ", ""), "--batch-size", help="Largest commit."),
     allow_failed_validation: bool = typer.Option(False, "--allow-failed-validation", help="Publish even if a recorded validation failed."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Upload in bounded commits (model card, config and manifest last); a rerun uploads only what is missing."""
-    from convert.hub import publish as run_publish
+    from mm_convert import api
 
-    r = run_publish(out, repo_id, private=private, revision=revision, batch_bytes=parse_size(batch_size, "--batch-size"),
+    r = api.publish(out, repo_id, private=private, revision=revision, batch_size=parse_size(batch_size, "--batch-size"),
                     quiet=quiet, allow_failed_validation=allow_failed_validation)
     if not r.commits:
         typer.echo(f"{repo_id}@{revision}: already up to date ({len(r.unchanged)} files); nothing uploaded, no commit")
     else:
-        typer.echo(f"published to {repo_id}@{revision}: {len(r.uploaded)} files ({r.uploaded_bytes / 1e6:.1f} MB) in "
+        typer.echo(f"published to {repo_id}@{revision}: {len(r.uploaded)} files ({human_bytes(r.uploaded_bytes)}) in "
                    f"{len(r.commits)} commit(s), {len(r.unchanged)} already there, {r.seconds:.1f} s")
 
 
@@ -245,9 +246,9 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
     """The whole pipeline of a recipe; each step skipped when its result is already there and verified."""
-    from convert.pipeline import run_recipe
+    from mm_convert import api
 
-    result = run_recipe(load_recipe(recipe), quiet=quiet)
+    result = api.run(recipe, quiet=quiet)
     typer.echo(result.render())
 
 
@@ -256,7 +257,7 @@ def inspect(path: Path = typer.Argument(..., help="A source or converted checkpo
             as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
     """Summarise a checkpoint: architecture, dtypes, experts, parallel shapes, manifest status.
     For a source, each shape's plan (files, bytes per rank) is what `convert --dry-run` prints."""
-    from convert.inspect import inspect_path
+    from mm_convert.commands.inspect import inspect_path
 
     summary = inspect_path(path)
     typer.echo(summary.to_json() if as_json else summary.render())
@@ -275,10 +276,6 @@ def _release_big_buffers_to_the_os() -> None:
         pass  # not glibc: nothing to tune
 
 
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-
-
 def main(argv: list[str] | None = None) -> None:
     """The console entry point: every failure is one line on stderr and a non-zero exit status."""
     _release_big_buffers_to_the_os()
@@ -287,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # standalone_mode=False: usage errors and Ctrl-C come back here instead of click's boxed messages.
         code = command.main(args=args, prog_name="mm-convert", standalone_mode=False)
-    except ConvertError as exc:
+    except MMConvertError as exc:
         _die(str(exc), EXIT_FAILED)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

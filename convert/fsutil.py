@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from convert.errors import ConvertError
+from mm_convert.errors import MMConvertError, OutputError
 
 PARTIAL_SUFFIX = ".partial"
 HASH_CHUNK = 16 * 1024 * 1024
@@ -44,13 +44,13 @@ def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> st
     return h.hexdigest()
 
 
-def write_error(path: Path, exc: OSError) -> ConvertError:
+def write_error(path: Path, exc: OSError) -> MMConvertError:
     reason = {
         errno.ENOSPC: "the disk is full",
         errno.EDQUOT: "the disk quota is exhausted",
         errno.EFBIG: "the file size limit (ulimit -f) was reached",
     }.get(exc.errno, exc.strerror or str(exc))
-    return ConvertError(f"{path}: write failed: {reason}; finished files are kept and a rerun resumes")
+    return OutputError(f"{path}: write failed: {reason}; finished files are kept and a rerun resumes")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -79,13 +79,13 @@ def confined(root: Path, rel: object, where: str, also_within: Path | None = Non
     the one other place a link may lead (a Hub cache snapshot's files are links into its `blobs/`)."""
     if not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel) or ".." in Path(rel).parts \
             or rel.startswith("~"):
-        raise ConvertError(f"{where}: names {rel!r}, which is not a path inside {root}; refused")
+        raise MMConvertError(f"{where}: names {rel!r}, which is not a path inside {root}; refused")
     path = root / rel
     base = root.resolve()
     resolved = path.resolve()
     bases = [base] + ([also_within.resolve()] if also_within is not None else [])
     if not any(resolved == b or b in resolved.parents for b in bases):
-        raise ConvertError(f"{where}: {rel!r} resolves outside {root} ({resolved}); refused")
+        raise MMConvertError(f"{where}: {rel!r} resolves outside {root} ({resolved}); refused")
     return path
 
 
@@ -109,27 +109,27 @@ def read_small_file(path: Path, limit: int = MAX_JSON_BYTES) -> bytes:
     refused before it is read (it could hang, or fill memory)."""
     problem = regular_file_problem(path)
     if problem:
-        raise ConvertError(f"{path}: {problem}")
+        raise MMConvertError(f"{path}: {problem}")
     try:
         with open(path, "rb") as f:
             data = f.read(limit + 1)
     except OSError as exc:
-        raise ConvertError(f"{path}: cannot read ({exc.strerror})") from exc
+        raise MMConvertError(f"{path}: cannot read ({exc.strerror})") from exc
     if len(data) > limit:
-        raise ConvertError(f"{path}: larger than {limit} bytes; refused")
+        raise MMConvertError(f"{path}: larger than {limit} bytes; refused")
     return data
 
 
 def read_json_object(path: Path) -> dict:
-    """A JSON object from a small regular file, or a one-line ConvertError saying what is wrong."""
+    """A JSON object from a small regular file, or a one-line MMConvertError saying what is wrong."""
     try:
         obj = json.loads(read_small_file(path).decode("utf-8"))
-    except ConvertError as exc:
+    except MMConvertError as exc:
         if regular_file_problem(path) == "missing":
-            raise ConvertError(f"{path}: missing") from None
+            raise MMConvertError(f"{path}: missing") from None
         raise exc
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ConvertError(f"{path}: not readable JSON ({type(exc).__name__})") from exc
+        raise MMConvertError(f"{path}: not readable JSON ({type(exc).__name__})") from exc
     if not isinstance(obj, dict):
-        raise ConvertError(f"{path}: not a JSON object")
+        raise MMConvertError(f"{path}: not a JSON object")
     return obj

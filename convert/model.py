@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
-from convert.errors import ConvertError
+from mm_convert.errors import SourceError
 
 ARCHITECTURE = "MiniMaxM2ForCausalLM"
 MODEL_TYPE = "minimax_m2"
@@ -64,11 +64,11 @@ def scale_shape(weight_shape: tuple[int, ...]) -> tuple[int, int]:
 def read_model_shape(config: Mapping[str, Any], config_path: str = "config.json") -> ModelShape:
     """Extract the MoE-relevant numbers from a MiniMax-M2 `config.json` dict.
 
-    Raises ConvertError naming the field when one is missing or not a positive integer.
+    Raises SourceError naming the field when one is missing or not a positive integer.
     """
     archs = config.get("architectures") or []
     if config.get("model_type") != MODEL_TYPE and ARCHITECTURE not in archs:
-        raise ConvertError(
+        raise SourceError(
             f"{config_path}: not a MiniMax-M2 config (model_type={config.get('model_type')!r}, "
             f"architectures={archs!r})"
         )
@@ -76,7 +76,7 @@ def read_model_shape(config: Mapping[str, Any], config_path: str = "config.json"
     def field(name: str) -> int:
         value = config.get(name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConvertError(f"{config_path}: field {name!r} must be a positive integer, got {value!r}")
+            raise SourceError(f"{config_path}: field {name!r} must be a positive integer, got {value!r}")
         return value
 
     hidden = field("hidden_size")
@@ -94,12 +94,12 @@ def read_model_shape(config: Mapping[str, Any], config_path: str = "config.json"
         vocab_size=field("vocab_size"),
     )
     if shape.top_k > shape.num_experts:
-        raise ConvertError(
+        raise SourceError(
             f"{config_path}: num_experts_per_tok={shape.top_k} exceeds num_local_experts={shape.num_experts}"
         )
     if shape.hidden_size % QUANT_BLOCK:
         # The kernels tile the hidden dimension in 128-wide blocks of activations scales.
-        raise ConvertError(f"{config_path}: hidden_size={shape.hidden_size} is not a multiple of {QUANT_BLOCK}")
+        raise SourceError(f"{config_path}: hidden_size={shape.hidden_size} is not a multiple of {QUANT_BLOCK}")
     return shape
 
 

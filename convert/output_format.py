@@ -9,14 +9,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from convert.errors import ConvertError
-from convert.model import ModelShape
-from convert.parallel import ParallelShape
+from mm_convert.errors import CheckFailed
+from mm_convert.model import ModelShape
+from mm_convert.plan.parallel import ParallelShape
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 CONFIG_BLOCK_KEY = "mm_convert"
 MANIFEST_NAME = "mm_convert.json"
+SYNTHETIC_KEY = "mm_convert_synthetic"  # in a synthetic source's config.json: cards must not call its weights MiniMax-M2.5
 MODEL_CARD_NAME = "README.md"
 CHART_NAME = "validation.svg"  # the per-layer error chart the card shows, when validation recorded one
 INDEX_NAME = "model.safetensors.index.json"
@@ -177,7 +178,7 @@ class ConfigBlock:
     @classmethod
     def from_dict(cls, d: Any, where: str = CONFIG_NAME) -> "ConfigBlock":
         if not isinstance(d, dict):
-            raise ConvertError(f"{where}: no {CONFIG_BLOCK_KEY!r} block: not a converted checkpoint")
+            raise CheckFailed(f"{where}: no {CONFIG_BLOCK_KEY!r} block: not a converted checkpoint")
         try:
             shapes = tuple(ShapeEntry(**s) for s in d["shapes"])
             block = cls(
@@ -193,13 +194,13 @@ class ConfigBlock:
                 format=str(d.get("format", "experts")),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise ConvertError(f"{where}: malformed {CONFIG_BLOCK_KEY!r} block ({type(exc).__name__}: {exc})") from exc
+            raise CheckFailed(f"{where}: malformed {CONFIG_BLOCK_KEY!r} block ({type(exc).__name__}: {exc})") from exc
         if not shapes:
-            raise ConvertError(f"{where}: {CONFIG_BLOCK_KEY!r} block lists no shapes")
+            raise CheckFailed(f"{where}: {CONFIG_BLOCK_KEY!r} block lists no shapes")
         if block.format not in OUTPUT_FORMATS:
-            raise ConvertError(f"{where}: unknown output format {block.format!r} in the {CONFIG_BLOCK_KEY!r} block")
+            raise CheckFailed(f"{where}: unknown output format {block.format!r} in the {CONFIG_BLOCK_KEY!r} block")
         if block.format_version > FORMAT_VERSION:
-            raise ConvertError(
+            raise CheckFailed(
                 f"{where}: format version {block.format_version} is newer than this tool understands ({FORMAT_VERSION})"
             )
         return block

@@ -1,12 +1,16 @@
-"""Recipes: one TOML file per deployment shape, read by `convert --recipe` and `run`.
+"""What a user asks for, and its defaults, in one place: `ConvertSpec`, `ValidateSpec` and
+`PublishSpec` are read from a recipe, filled from command-line flags and taken by the Python API, so
+every way in shares one set of defaults (the fields below). Recipes: one TOML file per deployment
+shape, read by `convert --recipe` and `run`.
 
 ```toml
 name = "minimax-m2.5-tp4"
 [source]    repo_id, revision (a pinned commit) | path (a local folder) | tiny = {dtype, seed}
 [convert]   format (presharded | experts), profile, tp, ep, gpu_arch (presharded: sm100 | sm90),
-            ranks (presharded: a list, default all), part_size (experts: "5GB" or bytes), device, output
-[validate]  enabled, kernel, layers ("auto" or a list), tokens, seed
-[publish]   enabled, repo_id, private, revision (a branch)
+            ranks (presharded: a list, default all), part_size (experts: "5GB" or bytes), chunk_size,
+            device, output
+[validate]  enabled, kernel, layers ("auto" or a list), tokens, seed, device, allow_skip
+[publish]   enabled, repo_id, private, revision (a branch), batch_size
 ```
 Unknown keys are refused, so a typo never silently falls back to a default. Relative paths are
 resolved against the current directory.
@@ -19,10 +23,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from convert.errors import ConvertError
-from convert.units import parse_size
-from convert.output_format import DEFAULT_PART_SIZE
-from convert.sglang_state import DEFAULT_GPU_ARCH
+from mm_convert.errors import RequestError
+from mm_convert.output_format import DEFAULT_PART_SIZE
+from mm_convert.plan.sglang_state import DEFAULT_GPU_ARCH
+from mm_convert.units import parse_size
+
+DEFAULT_CHUNK_SIZE = 256 * 10**6  # source bytes per chunk of experts (BF16 counts its quantisation temporaries)
+DEFAULT_BATCH_SIZE = 50 * 10**9  # per commit when publishing: several commits for a 230 GB checkpoint
 
 KERNELS = ("auto", "reference", "triton", "cutlass", "trtllm")
 
@@ -46,6 +53,7 @@ class ConvertSpec:
     tp: int = 1
     ep: int = 1
     part_size: int = DEFAULT_PART_SIZE
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     device: str = "cpu"
     output: str | None = None
     format: str | None = None  # None: presharded for the sglang profile, experts for trtllm
@@ -60,6 +68,8 @@ class ValidateSpec:
     layers: tuple[int, ...] | None = None  # None: a spread including the first and last layer
     tokens: int = 64
     seed: int = 0
+    device: str | None = None  # the reference backend's device; None: cuda when there is one
+    allow_skip: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,7 @@ class PublishSpec:
     repo_id: str | None = None
     private: bool = True
     revision: str = "main"
+    batch_size: int = DEFAULT_BATCH_SIZE
 
 
 @dataclass(frozen=True)
@@ -93,14 +104,14 @@ def _table(data: dict, key: str, where: str) -> dict:
     """A recipe section: one TOML table ([source]), not a value (`source = 5`) or a list ([[source]])."""
     value = data.get(key, {})
     if not isinstance(value, dict):
-        raise ConvertError(f"{where}: {key} must be a table ([{key}]), not {type(value).__name__}")
+        raise RequestError(f"{where}: {key} must be a table ([{key}]), not {type(value).__name__}")
     return value
 
 
 def _check_keys(table: dict, allowed: set[str], where: str) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
-        raise ConvertError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
+        raise RequestError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
 
 
 def _typed(table: dict, key: str, kind: type | tuple[type, ...], where: str, default: Any) -> Any:
@@ -108,7 +119,7 @@ def _typed(table: dict, key: str, kind: type | tuple[type, ...], where: str, def
         return default
     value = table[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConvertError(f"{where}: {key} = {value!r} has the wrong type")
+        raise RequestError(f"{where}: {key} = {value!r} has the wrong type")
     return value
 
 
@@ -117,9 +128,9 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConvertError(f"{path}: recipe not found") from None
+        raise RequestError(f"{path}: recipe not found") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConvertError(f"{path}: not a readable TOML recipe ({exc})") from exc
+        raise RequestError(f"{path}: not a readable TOML recipe ({exc})") from exc
     where = str(path)
     _check_keys(data, {"name", "work_dir", "source", "convert", "validate", "publish"}, where)
 
@@ -127,7 +138,7 @@ def load_recipe(path: str | Path) -> Recipe:
     _check_keys(src, {"repo_id", "revision", "path", "tiny"}, f"{where} [source]")
     tiny = src.get("tiny")
     if tiny is not None and not isinstance(tiny, dict):
-        raise ConvertError(f"{where} [source]: tiny must be a table, e.g. tiny = {{ dtype = \"fp8\", seed = 0 }}")
+        raise RequestError(f"{where} [source]: tiny must be a table, e.g. tiny = {{ dtype = \"fp8\", seed = 0 }}")
     if tiny is not None:
         _check_keys(tiny, {"dtype", "seed"}, f"{where} [source.tiny]")
     source = SourceSpec(
@@ -139,19 +150,21 @@ def load_recipe(path: str | Path) -> Recipe:
     )
     chosen = [k for k, v in (("repo_id", source.repo_id), ("path", source.path), ("tiny", tiny)) if v is not None]
     if len(chosen) != 1:
-        raise ConvertError(f"{where} [source]: give exactly one of repo_id, path or tiny (got {chosen or 'none'})")
+        raise RequestError(f"{where} [source]: give exactly one of repo_id, path or tiny (got {chosen or 'none'})")
 
     conv = _table(data, "convert", where)
     _check_keys(conv, {f.name for f in fields(ConvertSpec)}, f"{where} [convert]")
+    d = ConvertSpec()
     convert = ConvertSpec(
-        profile=_typed(conv, "profile", str, where, "sglang"),
-        tp=_typed(conv, "tp", int, where, 1),
-        ep=_typed(conv, "ep", int, where, 1),
-        part_size=parse_size(conv.get("part_size", DEFAULT_PART_SIZE), f"{where} [convert] part_size"),
-        device=_typed(conv, "device", str, where, "cpu"),
-        output=_typed(conv, "output", str, where, None),
-        format=_typed(conv, "format", str, where, None),
-        gpu_arch=_typed(conv, "gpu_arch", str, where, DEFAULT_GPU_ARCH),
+        profile=_typed(conv, "profile", str, where, d.profile),
+        tp=_typed(conv, "tp", int, where, d.tp),
+        ep=_typed(conv, "ep", int, where, d.ep),
+        part_size=parse_size(conv.get("part_size", d.part_size), f"{where} [convert] part_size"),
+        chunk_size=parse_size(conv.get("chunk_size", d.chunk_size), f"{where} [convert] chunk_size"),
+        device=_typed(conv, "device", str, where, d.device),
+        output=_typed(conv, "output", str, where, d.output),
+        format=_typed(conv, "format", str, where, d.format),
+        gpu_arch=_typed(conv, "gpu_arch", str, where, d.gpu_arch),
         ranks=_ranks(conv, where),
     )
 
@@ -163,28 +176,33 @@ def load_recipe(path: str | Path) -> Recipe:
     elif isinstance(layers, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
         layers_t = tuple(layers)
     else:
-        raise ConvertError(f"{where} [validate]: layers must be \"auto\" or a list of layer numbers")
-    kernel = _typed(val, "kernel", str, where, "auto")
+        raise RequestError(f"{where} [validate]: layers must be \"auto\" or a list of layer numbers")
+    v = ValidateSpec()
+    kernel = _typed(val, "kernel", str, where, v.kernel)
     if kernel not in KERNELS:
-        raise ConvertError(f"{where} [validate]: kernel {kernel!r} is not one of {', '.join(KERNELS)}")
+        raise RequestError(f"{where} [validate]: kernel {kernel!r} is not one of {', '.join(KERNELS)}")
     validate = ValidateSpec(
-        enabled=_typed(val, "enabled", bool, where, True),
+        enabled=_typed(val, "enabled", bool, where, v.enabled),
         kernel=kernel,
         layers=layers_t,
-        tokens=_typed(val, "tokens", int, where, 64),
-        seed=_typed(val, "seed", int, where, 0),
+        tokens=_typed(val, "tokens", int, where, v.tokens),
+        seed=_typed(val, "seed", int, where, v.seed),
+        device=_typed(val, "device", str, where, v.device),
+        allow_skip=_typed(val, "allow_skip", bool, where, v.allow_skip),
     )
 
     pub = _table(data, "publish", where)
     _check_keys(pub, {f.name for f in fields(PublishSpec)}, f"{where} [publish]")
+    p = PublishSpec()
     publish = PublishSpec(
-        enabled=_typed(pub, "enabled", bool, where, False),
-        repo_id=_typed(pub, "repo_id", str, where, None),
-        private=_typed(pub, "private", bool, where, True),
-        revision=_typed(pub, "revision", str, where, "main"),
+        enabled=_typed(pub, "enabled", bool, where, p.enabled),
+        repo_id=_typed(pub, "repo_id", str, where, p.repo_id),
+        private=_typed(pub, "private", bool, where, p.private),
+        revision=_typed(pub, "revision", str, where, p.revision),
+        batch_size=parse_size(pub.get("batch_size", p.batch_size), f"{where} [publish] batch_size"),
     )
     if publish.enabled and not publish.repo_id:
-        raise ConvertError(f"{where} [publish]: enabled but no repo_id")
+        raise RequestError(f"{where} [publish]: enabled but no repo_id")
 
     return Recipe(
         name=_typed(data, "name", str, where, path.stem),
@@ -202,7 +220,7 @@ def _ranks(table: dict, where: str) -> tuple[int, ...] | None:
     if value is None:
         return None
     if not isinstance(value, list) or not value or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
-        raise ConvertError(f"{where} [convert]: ranks must be a non-empty list of rank numbers, e.g. [0, 1]")
+        raise RequestError(f"{where} [convert]: ranks must be a non-empty list of rank numbers, e.g. [0, 1]")
     return tuple(sorted(set(value)))
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from convert.errors import ConvertError
+from mm_convert.errors import RequestError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -19,10 +19,10 @@ def parse_size(value: Any, what: str = "size") -> int:
     else:
         m = _SIZE_RE.match(str(value))
         if not m:
-            raise ConvertError(f"{what}: cannot read {value!r} as a size (e.g. 5GB, 500MB, 2GiB)")
+            raise RequestError(f"{what}: cannot read {value!r} as a size (e.g. 5GB, 500MB, 2GiB)")
         n = int(float(m[1]) * _UNITS[(m[2] or "B").upper()])
     if n <= 0:
-        raise ConvertError(f"{what}: must be positive, got {value!r}")
+        raise RequestError(f"{what}: must be positive, got {value!r}")
     return n
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from convert.tiny import TINY, make_synthetic
+from mm_convert.read.tiny import TINY, make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ class Run:
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> Run:
     """Run `mm-convert` exactly as a user would, in a subprocess."""
     proc = subprocess.run(
-        [sys.executable, "-m", "convert.cli", *map(str, args)],
+        [sys.executable, "-m", "mm_convert.cli", *map(str, args)],
         capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout,
     )
     return Run(proc.returncode, proc.stdout, proc.stderr)

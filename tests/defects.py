@@ -92,7 +92,7 @@ def presharded_edit(out: Path, rank: int, name: str, change: Callable[[torch.Ten
     stored under its own content hash in a new file, checksum.json and the rank's checksum are
     recomputed with SGLang's rules, and the manifest is forged. Only a check against the source
     (or SGLang's post-processing) can tell."""
-    from convert import presharded
+    from mm_convert.plan import presharded
 
     folder = _presharded(out)
     plan = json.loads((folder / "checksum.json").read_text())

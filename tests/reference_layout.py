@@ -1,6 +1,6 @@
 """An independent, deliberately naive implementation of SPEC section 4, for the tests.
 
-Built row by row from the rules as written (not from convert.profiles), so that a mistake in
+Built row by row from the rules as written (not from mm_convert.transform.profiles), so that a mistake in
 the vectorised code does not repeat itself here.
 """
 

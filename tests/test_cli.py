@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 
 
 def test_make_tiny_is_small_complete_and_deterministic(cli, tmp_path):
@@ -94,7 +94,7 @@ def test_thread_count_changes_no_byte_and_is_given_back(tiny_bf16, tmp_path):
     process-wide thread count is the caller's again afterwards."""
     import torch
 
-    from convert.execute import ConvertOptions, convert, default_torch_threads
+    from mm_convert.commands.convert import ConvertOptions, convert, default_torch_threads
 
     assert [default_torch_threads(c) for c in (1, 2, 3, 16)] == [1, 1, 1, 8]
     before = torch.get_num_threads()
@@ -156,3 +156,84 @@ def test_json_output_of_inspect_and_validate_parses(cli, tiny_fp8, tmp_path):
         json.loads(r.stdout)  # the whole stdout is one JSON document
     report = json.loads(cli("validate", out, "--json").stdout)
     assert report["passed"] is True, report
+
+
+COMMANDS = ("make-tiny", "convert", "validate", "inspect", "download", "publish", "run")
+
+
+@pytest.mark.parametrize("command", ("",) + COMMANDS)
+def test_dash_h_is_help(cli, command):
+    r = cli(*([command] if command else []), "-h")
+    assert r.returncode == 0 and "Usage: mm-convert" in r.stdout, r.stderr
+    assert r.stdout == cli(*([command] if command else []), "--help").stdout
+
+
+def test_version_is_the_installed_one(cli):
+    import importlib.metadata
+
+    import mm_convert
+
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"mm-convert {importlib.metadata.version('mm-convert')}"
+    assert mm_convert.__version__ == importlib.metadata.version("mm-convert")
+
+
+def test_shell_completion_completes_commands_and_options(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def complete(words: str) -> list[str]:
+        env = {**os.environ, "_MM_CONVERT_COMPLETE": "complete_bash", "COMP_WORDS": words,
+               "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1))}
+        r = subprocess.run([sys.executable, "-m", "mm_convert.cli"], env=env, capture_output=True, text=True)
+        return r.stdout.split()
+
+    assert "convert" in complete("mm-convert con") and "validate" not in complete("mm-convert con")
+    assert "--dry-run" in complete("mm-convert convert --dr")
+    r = run_cli("--show-completion", "bash", env={**os.environ, "SHELL": "/bin/bash"})
+    assert r.returncode == 0 and "_MM_CONVERT_COMPLETE" in r.stdout
+
+
+def test_verbose_says_what_it_decides_on_stderr_only(cli, tiny_fp8, tmp_path):
+    quiet = cli("convert", tiny_fp8, tmp_path / "a", "--tp", "2", "-q", "--json")
+    loud = cli("-v", "convert", tiny_fp8, tmp_path / "b", "--tp", "2", "-q", "--json")
+    assert quiet.returncode == loud.returncode == 0
+    assert "plan:" not in quiet.stderr
+    assert "mm-convert: plan: presharded TP2 for sm100" in loud.stderr and "free at" in loud.stderr
+    assert json.loads(loud.stdout)["out"]  # stdout stays one JSON document
+    v = cli("-v", "validate", tmp_path / "b", "--kernel", "reference")
+    assert v.returncode == 0 and "check structure: no failure" in v.stderr and "check kernel" in v.stderr
+
+
+def test_one_set_of_defaults_for_cli_recipe_and_python(tmp_path):
+    """The API's defaults, the recipe's and the conversion options' are the request types' own."""
+    import dataclasses
+    import inspect
+
+    import mm_convert
+    from mm_convert.commands.convert import ConvertOptions
+    from mm_convert.recipe import ConvertSpec, PublishSpec, ValidateSpec, load_recipe
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "r"\n[source]\npath = "x"\n')
+    loaded = load_recipe(recipe)
+    assert (loaded.convert, loaded.validate, loaded.publish) == (ConvertSpec(), ValidateSpec(), PublishSpec())
+    options = ConvertOptions()
+    for f in dataclasses.fields(ConvertSpec):
+        if hasattr(options, f.name):
+            assert getattr(options, f.name) == getattr(ConvertSpec(), f.name), f.name
+    assert options.chunk_bytes == ConvertSpec().chunk_size == 256 * 10**6  # decimal, as --help says
+    for fn, spec in ((mm_convert.convert, ConvertSpec()), (mm_convert.plan, ConvertSpec()),
+                     (mm_convert.validate, ValidateSpec()), (mm_convert.publish, PublishSpec())):
+        for name, param in inspect.signature(fn).parameters.items():
+            if hasattr(spec, name) and param.default is not inspect.Parameter.empty:
+                assert param.default == getattr(spec, name), (fn.__name__, name)
+
+
+def test_sizes_follow_one_rule():
+    from mm_convert.units import human_bytes, parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("256MB") == 256 * 10**6
+    assert parse_size(human_bytes(5 * 10**9).replace(" ", "")) == 5 * 10**9
+    assert human_bytes(256 * 10**6) == "256 MB" and human_bytes(2**30) == "1.07 GB"

@@ -14,7 +14,7 @@ import pytest
 
 from huggingface_hub import ModelCard
 
-from convert.execute import ConvertOptions, convert
+from mm_convert.commands.convert import ConvertOptions, convert
 from tests import hub_rules
 from tests.conftest import REPO
 from tests.hubserver import HubServer, _is_binary
@@ -30,7 +30,7 @@ def mm_convert(hub: HubServer, home: Path, *args, cwd: Path | None = None, no_sl
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_HOME=str(home), HF_TOKEN=token,
                HF_HUB_DISABLE_UPDATE_CHECK="1", PYTHONPATH=str(REPO), MM_CONVERT_CACHE=str(home / "mmc-cache"))
-    code = (NO_SLEEP if no_sleep else "") + extra + "import sys; from convert.cli import main; sys.argv[0] = 'mm-convert'; main()"
+    code = (NO_SLEEP if no_sleep else "") + extra + "import sys; from mm_convert.cli import main; sys.argv[0] = 'mm-convert'; main()"
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=300)
 
@@ -316,3 +316,19 @@ def test_provenance_records_what_was_read(hub, tiny_fp8, tmp_path):
     files = {f["name"]: f for f in json.loads((tmp_path / "out" / "mm_convert.json").read_text())["source"]["files"]}
     assert files[edited]["sha256"] is None
     assert all(f["sha256"] for name, f in files.items() if name != edited)
+
+
+def test_publish_is_private_unless_public_is_asked_from_cli_and_python(hub, converted, tmp_path):
+    import mm_convert
+
+    assert mm_convert(hub, tmp_path, "publish", converted, f"{USER}/default", "-q").returncode == 0
+    assert mm_convert(hub, tmp_path, "publish", converted, f"{USER}/open", "-q", "--public").returncode == 0
+    private = {name: json.loads((hub.root / "repos" / "models" / USER / name / "repo.json").read_text())["private"]
+               for name in ("default", "open")}
+    assert private == {"default": True, "open": False}
+    import inspect as _inspect
+
+    assert _inspect.signature(mm_convert.publish).parameters["private"].default is True
+    from mm_convert.recipe import PublishSpec
+
+    assert PublishSpec().private is True

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from convert.hf_cache import snapshot_of
+from mm_convert.read.hf_cache import snapshot_of
 from tests.conftest import REPO
 from tests.hubserver import HubServer
 from tests.test_hub import TOKEN, USER, mm_convert

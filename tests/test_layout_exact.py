@@ -12,7 +12,7 @@ from flashinfer import shuffle_matrix_a
 from flashinfer.fused_moe import convert_to_block_layout
 from flashinfer.trace.templates._init_helpers import fp8_block_quant_2d
 
-from convert.execute import ConvertOptions, convert
+from mm_convert.commands.convert import ConvertOptions, convert
 from tests import reference_layout as ref
 from tests.checkpoint_io import as_bytes, load_all, load_file, metadata
 
@@ -85,8 +85,8 @@ def test_expert_tensors_match_spec(sources, tmp_path, kind, profile, tp, ep):
 
 @pytest.mark.parametrize("m,k", [(256, 256), (768, 256), (512, 384), (3072, 1536)])
 def test_trtllm_layout_matches_flashinfer_helpers(m, k):
-    """convert.profiles' shuffle + BlockMajorK equal FlashInfer's shuffle_matrix_a + convert_to_block_layout."""
-    from convert.profiles import from_block_major_shuffled, to_block_major_shuffled
+    """mm_convert.transform.profiles' shuffle + BlockMajorK equal FlashInfer's shuffle_matrix_a + convert_to_block_layout."""
+    from mm_convert.transform.profiles import from_block_major_shuffled, to_block_major_shuffled
 
     w = torch.randint(0, 256, (3, m, k), dtype=torch.uint8).view(torch.float8_e4m3fn)
     ours = to_block_major_shuffled(w)

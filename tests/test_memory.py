@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from convert.tiny import TINY, make_synthetic
+from mm_convert.read.tiny import TINY, make_synthetic
 
 MEDIUM = replace(TINY, hidden_size=1024, intermediate_size=512, num_experts=64, top_k=8, vocab_size=256,
                  num_shards=3, random_fp8_bytes=True)
@@ -20,7 +20,7 @@ LAYER_BYTES = 64 * 3 * 1024 * 512  # FP8 expert bytes of one layer: 100 MB
 # peak across fork and exec (Linux keeps it), which is why the test process's own size must not count.
 MEASURE = """
 import json, sys
-from convert.cli import main
+from mm_convert.cli import main
 src, out, profile, fmt = sys.argv[1:5]
 sys.argv = ["mm-convert", "convert", src, out, "--profile", profile, "--format", fmt, "--tp", "4", "--quiet",
             "--chunk-size", "8MB"]

@@ -12,10 +12,10 @@ import pytest
 import torch
 import xxhash
 
-from convert import presharded
-from convert.execute import ConvertOptions, convert
-from convert.quant import dequantize_fp8_block, packed_ue8m0_scale_shape, requant_ue8m0, unpack_ue8m0_scale
-from convert.sglang_state import RankTensor, Rows, Assemble, vocab_rows
+from mm_convert.plan import presharded
+from mm_convert.commands.convert import ConvertOptions, convert
+from mm_convert.transform.quant import dequantize_fp8_block, packed_ue8m0_scale_shape, requant_ue8m0, unpack_ue8m0_scale
+from mm_convert.plan.sglang_state import RankTensor, Rows, Assemble, vocab_rows
 from tests.conftest import run_cli
 from tests.test_reliability import tree_digest
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from convert import model
-from convert.read_experts import load_down, load_gate_up
-from convert.parallel import ParallelShape
-from convert.profiles import PROFILES, Down, GateUp, Packed
-from convert.source import SourceCheckpoint
+from mm_convert import model
+from mm_convert.read.read_experts import load_down, load_gate_up
+from mm_convert.plan.parallel import ParallelShape
+from mm_convert.transform.profiles import PROFILES, Down, GateUp, Packed
+from mm_convert.read.source import SourceCheckpoint
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
@@ -55,8 +55,8 @@ def test_inverse_recovers_source(tiny_fp8, profile, tp, ep):
 
 def test_partial_last_block_keeps_its_scale():
     """intermediate 320 (not a multiple of 128): the last scale block covers 64 real rows + padding."""
-    from convert.model import ModelShape
-    from convert.profiles import sglang_pack_gate_up, sglang_unpack_gate_up
+    from mm_convert.model import ModelShape
+    from mm_convert.transform.profiles import sglang_pack_gate_up, sglang_unpack_gate_up
 
     shape = ModelShape(hidden_size=256, intermediate_size=320, num_layers=1, num_experts=2, top_k=1,
                        num_attention_heads=1, num_key_value_heads=1, head_dim=256, vocab_size=8)
@@ -75,8 +75,8 @@ def test_partial_last_block_keeps_its_scale():
 def test_trtllm_direct_paths_equal_shuffling_the_sglang_layout(intermediate, tp):
     """trtllm packs straight from the source when the rank's regions align with shuffle blocks and K
     blocks, and falls back to shuffling the whole sglang matrix when they do not; both agree."""
-    from convert.model import ModelShape
-    from convert.profiles import (sglang_pack_down, sglang_pack_gate_up, to_block_major_shuffled,
+    from mm_convert.model import ModelShape
+    from mm_convert.transform.profiles import (sglang_pack_down, sglang_pack_gate_up, to_block_major_shuffled,
                                   trtllm_pack_down, trtllm_pack_gate_up)
 
     shape = ModelShape(hidden_size=256, intermediate_size=intermediate, num_layers=1, num_experts=3, top_k=1,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from flashinfer.trace.templates._init_helpers import fp8_block_quant_2d
 
-from convert.quant import dequantize_fp8_block, quantize_fp8_block
+from mm_convert.transform.quant import dequantize_fp8_block, quantize_fp8_block
 
 
 def _awkward(shape, seed):

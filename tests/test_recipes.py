@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from convert.errors import ConvertError
-from convert.recipe import load_recipe, override, parse_size
+from mm_convert.errors import RequestError
+from mm_convert.recipe import load_recipe, override, parse_size
 from tests.conftest import REPO
 
 
@@ -28,14 +28,14 @@ def test_shapes_of_the_real_recipes():
 def test_unknown_key_refused(tmp_path):
     p = tmp_path / "r.toml"
     p.write_text('[source]\npath = "x"\n[convert]\ntpp = 4\n')
-    with pytest.raises(ConvertError, match="unknown key.*tpp"):
+    with pytest.raises(RequestError, match="unknown key.*tpp"):
         load_recipe(p)
 
 
 def test_exactly_one_source(tmp_path):
     p = tmp_path / "r.toml"
     p.write_text('[source]\npath = "x"\nrepo_id = "a/b"\n')
-    with pytest.raises(ConvertError, match="exactly one"):
+    with pytest.raises(RequestError, match="exactly one"):
         load_recipe(p)
 
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 import pytest
 
-from convert.tiny import TINY, make_synthetic
+from mm_convert.read.tiny import TINY, make_synthetic
 from tests.conftest import REPO, run_cli
 
 FINAL_NAMES = ("config.json", "mm_convert.json", "README.md", "model.safetensors.index.json")
@@ -41,7 +41,7 @@ def final_outputs(out: Path) -> list[str]:
 MULTI_PART = replace(TINY, num_layers=4)
 SLOW_WRAPPER = """
 import os, sys, time
-from convert import writer
+from mm_convert.write import workarea as writer
 mode = os.environ["MM_TEST_SLOW"]
 if mode in ("write", "parts"):
     original = writer.StagedFile.write
@@ -50,17 +50,13 @@ if mode in ("write", "parts"):
         return original(self, data)
     writer.StagedFile.write = slow
 if mode == "commit":
-    original_commit = writer.WorkDir.commit
-    def slow_commit(self, paths):
-        import os as _os
-        for rel in paths:
-            src = self.staged_path(rel)
-            if src.exists():
-                (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
-                _os.replace(src, self.out / rel)
-                time.sleep(0.3)
-    writer.WorkDir.commit = slow_commit
-from convert.cli import main
+    # The real commit, slowed after each of its renames (only the module's own `os.replace`).
+    import types
+    def slow_replace(src, dst):
+        os.replace(src, dst)
+        time.sleep(0.3)
+    writer.os = types.SimpleNamespace(**{**vars(os), "replace": slow_replace})
+from mm_convert.cli import main
 sys.argv = ["mm-convert"] + sys.argv[1:]
 main()
 """
@@ -134,8 +130,12 @@ def test_kill_9_then_rerun_gives_identical_output(multi_part_source, clean_runs,
     proc.wait()
     assert "mm_convert.json" not in final_outputs(out)  # never mistaken for a finished conversion
     assert not any(Path(p).name == "READY" for p in final_outputs(out))  # nor by SGLang
-    r = run_cli("inspect", out) if (out / "config.json").exists() else None
-    assert r is None or "in progress" in r.stdout or "MISSING" in r.stdout
+    if point != "during-commit":
+        assert not (out / "config.json").exists()  # nothing outside .mm-convert/ before the commit
+    else:
+        assert (out / ".mm-convert" / "journal.jsonl").is_file()  # the commit is still recorded as unfinished
+    r = run_cli("inspect", out)
+    assert r.returncode != 0 or "an unfinished conversion is staged" in r.stdout, r.stdout
     r = run_cli("convert", multi_part_source, out, *CONVERT_ARGS, *FORMAT_ARGS[fmt])
     assert r.returncode == 0, r.stderr
     assert tree_digest(out) == clean_runs[fmt]
@@ -174,7 +174,7 @@ import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
 limit = int(sys.argv.pop(1))
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-from convert.cli import main
+from mm_convert.cli import main
 sys.argv = ["mm-convert"] + sys.argv[1:]
 main()
 """

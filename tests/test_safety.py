@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from convert.execute import ConvertOptions, convert
-from convert.tiny import REAL_LAYER, TINY, make_synthetic
+from mm_convert.commands.convert import ConvertOptions, convert
+from mm_convert.read.tiny import REAL_LAYER, make_synthetic
 from tests import defects
 from tests.conftest import REPO, run_cli
 from tests.test_reliability import _poke_tensor, tree_digest
-from validators.run import validate
+from mm_convert.validators.run import validate
 
 
 def _one_line_error(r) -> str:
@@ -236,7 +236,7 @@ def test_one_scale_doubled_caught_without_source(tp4_ep2):
 
 def test_presharded_ranks_swapped_caught_without_source(tiny_fp8, tmp_path):
     """Two ranks' expert tensors exchanged in checksum.json, rank checksums recomputed: self-consistent."""
-    from convert import presharded
+    from mm_convert.plan import presharded
 
     out = tmp_path / "p"
     convert(tiny_fp8, out, ConvertOptions(tp=2, ep=2, gpu_arch="sm90", quiet=True))  # no padding: EP blocks only
@@ -377,7 +377,7 @@ def test_ctrl_c_is_one_line_and_resumable(tiny_fp8, tmp_path):
     out = tmp_path / "out"
     slow = ("import time, sys; from convert import writer; w = writer.StagedFile.write\n"
             "def slow(self, d):\n    time.sleep(0.05); return w(self, d)\n"
-            "writer.StagedFile.write = slow\nfrom convert.cli import main\nmain(sys.argv[1:])\n")
+            "writer.StagedFile.write = slow\nfrom mm_convert.cli import main\nmain(sys.argv[1:])\n")
     proc = subprocess.Popen([sys.executable, "-c", slow, "convert", str(tiny_fp8), str(out), "--tp", "2", "-q"],
                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from convert.execute import ConvertOptions, convert
+from mm_convert.commands.convert import ConvertOptions, convert
 from tests.conftest import REPO
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")
@@ -52,7 +52,7 @@ def test_zero_filled_rank_outputs_zero(per_rank_cases):
 
 
 def test_group_by_expert():
-    from validators.kernels.triton_moe import group_by_expert
+    from mm_convert.validators.kernels.triton_moe import group_by_expert
 
     local = torch.tensor([[2, -1], [0, 2], [2, 1]])  # 3 tokens, top-2; -1: another rank's expert
     rows, block_expert = group_by_expert(local, local_experts=4, block_m=2)

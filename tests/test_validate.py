@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from convert.execute import ConvertOptions, convert
+from mm_convert.commands.convert import ConvertOptions, convert
 from tests import defects
-from validators.routing import pack_topk, route, unpack_topk
-from validators.run import validate
+from mm_convert.validators.routing import pack_topk, route, unpack_topk
+from mm_convert.validators.run import validate
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,13 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
 
-from convert.profiles import Packed  # noqa: E402
-from convert.quant import dequantize_fp8_block  # noqa: E402
-from validators import kernel_check  # noqa: E402
-from validators.checkpoint import ConvertedCheckpoint  # noqa: E402
-from validators.kernels.triton_moe import TritonBackend  # noqa: E402
-from validators.numerics import compare_outputs  # noqa: E402
-from validators.routing import route, unpack_topk  # noqa: E402
+from mm_convert.transform.profiles import Packed  # noqa: E402
+from mm_convert.transform.quant import dequantize_fp8_block  # noqa: E402
+from mm_convert.validators import kernel_check  # noqa: E402
+from mm_convert.validators.checkpoint import ConvertedCheckpoint  # noqa: E402
+from mm_convert.validators.kernels.triton_moe import TritonBackend  # noqa: E402
+from mm_convert.validators.numerics import compare_outputs  # noqa: E402
+from mm_convert.validators.routing import route, unpack_topk  # noqa: E402
 
 
 def emulate(inputs, ckpt, entry, g, layer) -> torch.Tensor:

@@ -13,15 +13,16 @@ from pathlib import Path
 
 import torch
 
-from convert import model, output_format, presharded
-from convert.errors import ConvertError
-from convert.fsutil import read_json_object
-from convert.manifest import Manifest
-from convert.model import ModelShape
-from convert.output_format import ConfigBlock, ShapeEntry
-from convert.parallel import RankGeometry
-from convert.profiles import PROFILES, Profile
-from convert.safetensors_file import TensorFile
+from mm_convert import model, output_format
+from mm_convert.plan import presharded
+from mm_convert.errors import CheckFailed
+from mm_convert.fsutil import read_json_object
+from mm_convert.write.manifest import Manifest
+from mm_convert.model import ModelShape
+from mm_convert.output_format import ConfigBlock, ShapeEntry
+from mm_convert.plan.parallel import RankGeometry
+from mm_convert.transform.profiles import PROFILES, Profile
+from mm_convert.read.safetensors_file import TensorFile
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,14 @@ class ConvertedCheckpoint:
         shape = model.read_model_shape(config, str(config_path))
         profile = PROFILES.get(block.profile)
         if profile is None:
-            raise ConvertError(f"{config_path}: unknown profile {block.profile!r} in the {output_format.CONFIG_BLOCK_KEY} block")
+            raise CheckFailed(f"{config_path}: unknown profile {block.profile!r} in the {output_format.CONFIG_BLOCK_KEY} block")
         return cls(root, config, block, shape, profile)
 
     def weight_map(self) -> dict[str, str]:
         """The standard shards' index: non-expert tensor name -> file."""
         weight_map = read_json_object(self.root / output_format.INDEX_NAME).get("weight_map")
         if not isinstance(weight_map, dict):
-            raise ConvertError(f"{self.root / output_format.INDEX_NAME}: no weight_map")
+            raise CheckFailed(f"{self.root / output_format.INDEX_NAME}: no weight_map")
         return weight_map
 
     def manifest(self) -> Manifest:
@@ -86,12 +87,12 @@ class ConvertedCheckpoint:
             path = self.part_path(entry, rank, part)
             if path.exists() and name in self.file(path).tensors:
                 return path
-        raise ConvertError(f"{self.root / entry.dir}: rank {rank} has no part holding layer {layer}")
+        raise CheckFailed(f"{self.root / entry.dir}: rank {rank} has no part holding layer {layer}")
 
     # -- presharded folders ------------------------------------------------------------------------
 
     def checksum(self, entry: ShapeEntry) -> dict:
-        """The folder's checksum.json (ConvertError naming it when missing or malformed)."""
+        """The folder's checksum.json (CheckFailed naming it when missing or malformed)."""
         return read_json_object(self.root / entry.dir / presharded.CHECKSUM_NAME)
 
     def reads(self, entry: ShapeEntry) -> dict[tuple[int, str], tuple[str, str]]:
@@ -104,10 +105,10 @@ class ConvertedCheckpoint:
                     for item in items:
                         name = str(item["filename"])
                         if "/" in name or "\\" in name or name in ("", ".", ".."):
-                            raise ConvertError(f"{where}: file name {name!r} leaves the folder")
+                            raise CheckFailed(f"{where}: file name {name!r} leaves the folder")
                         table[(int(rank), str(item["name"]))] = (name, str(item["stored_key"]))
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                raise ConvertError(f"{where}: malformed ({type(exc).__name__}: {exc})") from exc
+                raise CheckFailed(f"{where}: malformed ({type(exc).__name__}: {exc})") from exc
             self._reads[entry.dir] = table
         return self._reads[entry.dir]
 
@@ -116,13 +117,13 @@ class ConvertedCheckpoint:
         if entry.format == "presharded":
             where = self.reads(entry).get((rank, name))
             if where is None:
-                raise ConvertError(f"{self.root / entry.dir}: rank {rank} reads no tensor {name}")
+                raise CheckFailed(f"{self.root / entry.dir}: rank {rank} reads no tensor {name}")
             f = self.file(self.root / entry.dir / where[0])
             key = where[1]
         else:
             parsed = output_format.parse_expert_tensor_name(name)
             if parsed is None:
-                raise ConvertError(f"{self.root / entry.dir}: the experts format stores no {name} per rank")
+                raise CheckFailed(f"{self.root / entry.dir}: the experts format stores no {name} per rank")
             f = self.file(self.part_of_layer(entry, rank, parsed[0]))
             key = name
         if local is None:
@@ -138,7 +139,7 @@ class ConvertedCheckpoint:
         tensors = []
         for name in names:
             if name not in weight_map:
-                raise ConvertError(f"{self.root}: missing tensor {name} (needed to route)")
+                raise CheckFailed(f"{self.root}: missing tensor {name} (needed to route)")
             tensors.append(self.file(self.root / weight_map[name]).read(name).float())
         return tensors[0], tensors[1]
 
@@ -172,7 +173,7 @@ class OutputView:
         self.shape = ckpt.shape
 
     def dtype_of(self, name: str) -> str:
-        from convert.sglang_state import model_dtype
+        from mm_convert.plan.sglang_state import model_dtype
 
         quant = self.config.get("quantization_config") or {}
         skipped = any(m == "self_attn" or f".{m}." in f".{name}." for m in quant.get("modules_to_not_convert") or [])

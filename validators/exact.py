@@ -7,18 +7,18 @@ from __future__ import annotations
 import torch
 import xxhash
 
-from convert import model, output_format
-from convert.errors import ConvertError
-from convert.output_format import ShapeEntry
-from convert.parallel import RankGeometry
-from convert.profiles import Down, GateUp, Packed
-from convert.quant import dequantize_fp8_block, quantize_fp8_block
-from convert.read_experts import read_projection
-from convert.safetensors_file import DTYPES, TensorFile, tensor_bytes
-from convert.source import SourceCheckpoint
-from validators import numerics
-from validators.checkpoint import ConvertedCheckpoint
-from validators.report import Finding, Report
+from mm_convert import model, output_format
+from mm_convert.errors import MMConvertError
+from mm_convert.output_format import ShapeEntry
+from mm_convert.plan.parallel import RankGeometry
+from mm_convert.transform.profiles import Down, GateUp, Packed
+from mm_convert.transform.quant import dequantize_fp8_block, quantize_fp8_block
+from mm_convert.read.read_experts import read_projection
+from mm_convert.read.safetensors_file import DTYPES, TensorFile, tensor_bytes
+from mm_convert.read.source import SourceCheckpoint
+from mm_convert.validators import numerics
+from mm_convert.validators.checkpoint import ConvertedCheckpoint
+from mm_convert.validators.report import Finding, Report
 
 CHECK = "exact"
 QCHECK = "quant-error"
@@ -98,7 +98,7 @@ def check_experts(ckpt: ConvertedCheckpoint, source: SourceCheckpoint, report: R
                         t = ckpt.rank_layer(entry, g.rank, layer, local)
                         gate_up = profile.unpack_gate_up(Packed(t.w13, t.w13_scale), g)
                         down = profile.unpack_down(Packed(t.w2, t.w2_scale), g)
-                    except (ConvertError, RuntimeError, ValueError) as exc:
+                    except (MMConvertError, RuntimeError, ValueError) as exc:
                         report.add(Finding(CHECK, "fail", f"cannot read: {exc}", shape=label, layer=layer, rank=g.rank))
                         bad += 1
                         continue
@@ -130,8 +130,8 @@ def check_rank_tensors(ckpt: ConvertedCheckpoint, source: SourceCheckpoint, repo
     """Presharded: every non-expert tensor of every rank, cut back into the source slices it was
     assembled from (convert/sglang_state.py's recipe, inverted) and compared byte for byte; padding
     zero; SM100's re-quantised linear layers recomputed from the source and compared exactly."""
-    from convert.rank_tensors import produce
-    from convert.sglang_state import Assemble, Constant, ExpertTensor, PreshardedTarget, rank_state
+    from mm_convert.transform.rank_tensors import produce
+    from mm_convert.plan.sglang_state import Assemble, Constant, ExpertTensor, PreshardedTarget, rank_state
 
     label = entry.key
     target = PreshardedTarget(entry.parallel, entry.gpu_arch or "")
@@ -142,7 +142,7 @@ def check_rank_tensors(ckpt: ConvertedCheckpoint, source: SourceCheckpoint, repo
                 continue
             try:
                 stored = ckpt.rank_tensor(entry, rank, t.name)
-            except ConvertError as exc:
+            except MMConvertError as exc:
                 report.add(Finding(CHECK, "fail", str(exc), shape=label, rank=rank))
                 bad += 1
                 continue
@@ -166,8 +166,8 @@ def check_rank_tensors(ckpt: ConvertedCheckpoint, source: SourceCheckpoint, repo
 
 def _requant_problem(stored: torch.Tensor, want: torch.Tensor, recipe) -> str:
     """Which source region an SM100 re-quantised tensor differs in (its parts are whole 128-blocks)."""
-    from convert.rank_tensors import split
-    from convert.sglang_state import Rows
+    from mm_convert.transform.rank_tensors import split
+    from mm_convert.plan.sglang_state import Rows
 
     if recipe.part == "weight":
         for (part, got), (_, expected) in zip(split(stored, recipe.weight), split(want, recipe.weight)):
@@ -178,8 +178,8 @@ def _requant_problem(stored: torch.Tensor, want: torch.Tensor, recipe) -> str:
 
 
 def _assembly_problem(source: SourceCheckpoint, stored: torch.Tensor, a) -> str | None:
-    from convert.rank_tensors import split
-    from convert.sglang_state import Rows
+    from mm_convert.transform.rank_tensors import split
+    from mm_convert.plan.sglang_state import Rows
 
     for part, got in split(stored, a):
         if isinstance(part, Rows):
@@ -246,7 +246,7 @@ def run(ckpt: ConvertedCheckpoint, source: SourceCheckpoint, report: Report, lay
     for entry in ckpt.block.shapes:
         try:
             entry.parallel.validate(ckpt.shape)
-        except ConvertError:
+        except MMConvertError:
             continue  # reported by the structure check
         errors.clear()
         if entry.format == "presharded":
@@ -286,7 +286,7 @@ def run_digests(ckpt: ConvertedCheckpoint, report: Report) -> None:
     a scale doubled) that file hashes rewritten to match would hide."""
     try:
         manifest = ckpt.manifest()
-    except ConvertError as exc:
+    except MMConvertError as exc:
         report.add(Finding(CHECK, "skip", f"not run: {exc}"))
         return
     digests = manifest.source_digests
@@ -297,7 +297,7 @@ def run_digests(ckpt: ConvertedCheckpoint, report: Report) -> None:
     for entry in ckpt.block.shapes:
         try:
             entry.parallel.validate(ckpt.shape)
-        except ConvertError:
+        except MMConvertError:
             continue
         if entry.ranks is not None:
             report.add(Finding(CHECK, "skip", f"not run without --source: the folder holds ranks "
@@ -312,7 +312,7 @@ def run_digests(ckpt: ConvertedCheckpoint, report: Report) -> None:
 
 
 def _expert_digest_problems(ckpt: ConvertedCheckpoint, report: Report, entry: ShapeEntry, digests: dict[str, str]) -> int:
-    from convert.digests import expert_digest_name
+    from mm_convert.read.digests import expert_digest_name
 
     ranks = ckpt.ranks(entry)
     bad = 0
@@ -338,7 +338,7 @@ def _expert_digest_problems(ckpt: ConvertedCheckpoint, report: Report, entry: Sh
                     }
                     for key, tensor in whole.items():
                         hashers[key].update(tensor_bytes(tensor.contiguous()))
-        except (ConvertError, RuntimeError, ValueError) as exc:
+        except (MMConvertError, RuntimeError, ValueError) as exc:
             report.add(Finding(CHECK, "fail", f"cannot read: {exc}", shape=entry.key, layer=layer))
             bad += 1
             continue
@@ -359,7 +359,7 @@ def _expert_digest_problems(ckpt: ConvertedCheckpoint, report: Report, entry: Sh
 def _tensor_digest_problems(ckpt: ConvertedCheckpoint, report: Report, entry: ShapeEntry,
                             digests: dict[str, str]) -> tuple[int, int]:
     """(tensors checked, failures) for the non-expert source tensors the folder holds as such."""
-    from convert.digests import tensor_digest
+    from mm_convert.read.digests import tensor_digest
 
     names = [n for n in digests if ".experts.*." not in n]
     if entry.format == "presharded":
@@ -384,8 +384,8 @@ def _tensor_digest_problems(ckpt: ConvertedCheckpoint, report: Report, entry: Sh
 
 def _requantised_sources(ckpt: ConvertedCheckpoint, entry: ShapeEntry) -> set[str]:
     """Source tensors this shape holds only re-quantised (SM100 attention): not recoverable from it."""
-    from convert.sglang_state import PreshardedTarget, Ue8m0Requant, rank_state, sources_of
-    from validators.checkpoint import OutputView
+    from mm_convert.plan.sglang_state import PreshardedTarget, Ue8m0Requant, rank_state, sources_of
+    from mm_convert.validators.checkpoint import OutputView
 
     target = PreshardedTarget(entry.parallel, entry.gpu_arch or "")
     state = rank_state(OutputView(ckpt), target, entry.present_ranks[0])
@@ -394,9 +394,9 @@ def _requantised_sources(ckpt: ConvertedCheckpoint, entry: ShapeEntry) -> set[st
 
 def _reassembled(ckpt: ConvertedCheckpoint, entry: ShapeEntry, wanted: set[str]) -> dict[str, torch.Tensor]:
     """Presharded: each wanted source tensor put back together from every rank's slices of it."""
-    from convert.rank_tensors import split
-    from convert.sglang_state import Assemble, PreshardedTarget, Rows, rank_state
-    from validators.checkpoint import OutputView
+    from mm_convert.transform.rank_tensors import split
+    from mm_convert.plan.sglang_state import Assemble, PreshardedTarget, Rows, rank_state
+    from mm_convert.validators.checkpoint import OutputView
 
     target = PreshardedTarget(entry.parallel, entry.gpu_arch or "")
     pieces: dict[str, dict[tuple[int, int], torch.Tensor]] = {}

@@ -10,21 +10,21 @@ from typing import Callable
 
 import torch
 
-from convert import model
-from convert.errors import ConvertError
-from convert.output_format import ShapeEntry
-from convert.profiles import Packed
-from convert.quant import (
+from mm_convert import model
+from mm_convert.errors import CheckFailed, MMConvertError
+from mm_convert.output_format import ShapeEntry
+from mm_convert.transform.profiles import Packed
+from mm_convert.transform.quant import (
     dequantize_fp8_block,
     quantize_fp8_block,
     quantize_fp8_per_token_group,
 )
-from convert.source import SourceCheckpoint
-from validators import numerics
-from validators.checkpoint import ConvertedCheckpoint
-from validators.kernels.base import Backend, RankWeights, RoutedInputs
-from validators.report import Finding, Report
-from validators.routing import Routing, route, unpack_topk
+from mm_convert.read.source import SourceCheckpoint
+from mm_convert.validators import numerics
+from mm_convert.validators.checkpoint import ConvertedCheckpoint
+from mm_convert.validators.kernels.base import Backend, RankWeights, RoutedInputs
+from mm_convert.validators.report import Finding, Report
+from mm_convert.validators.routing import Routing, route, unpack_topk
 
 CHECK = "kernel"
 ExpertWeights = Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # e -> fp32 (w1, w3, w2)
@@ -145,7 +145,7 @@ def run(ckpt: ConvertedCheckpoint, source: SourceCheckpoint | None, report: Repo
         layers: list[int], tokens: int, seed: int, broken_shapes: frozenset[str] = frozenset()) -> None:
     for layer in layers:
         if not 0 <= layer < ckpt.shape.num_layers:
-            raise ConvertError(f"--layers: layer {layer} does not exist (the model has {ckpt.shape.num_layers})")
+            raise CheckFailed(f"--layers: layer {layer} does not exist (the model has {ckpt.shape.num_layers})")
     for entry in ckpt.block.shapes:
         label = entry.key
         if label in broken_shapes:
@@ -158,7 +158,7 @@ def run(ckpt: ConvertedCheckpoint, source: SourceCheckpoint | None, report: Repo
             inputs = make_inputs(hidden, route(hidden, gate, bias, ckpt.shape.top_k), ckpt.shape.num_experts)
             try:
                 out = run_layer(ckpt, entry, layer, backend, inputs)
-            except (ConvertError, RuntimeError, ValueError) as exc:
+            except (MMConvertError, RuntimeError, ValueError) as exc:
                 report.add(Finding(CHECK, "fail", f"cannot run: {exc}", shape=label, layer=layer))
                 continue
             kernel_seconds = time.monotonic() - started

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from convert import __version__
+from mm_convert import __version__
 
 Status = Literal["pass", "fail", "skip", "info"]
 CHECKS = ("structure", "exact", "quant-error", "kernel")

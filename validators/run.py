@@ -1,21 +1,17 @@
 """`mm-convert validate`: run every check and collect one report."""
 
 from __future__ import annotations
-
+import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
-
 import torch
-
-from convert.card import write_card
-from convert.errors import ConvertError
-from convert.manifest import Manifest
-from convert.source import SourceCheckpoint
-from validators import exact, kernel_check, structure
-from validators.checkpoint import ConvertedCheckpoint
-from validators.kernels.select import KERNEL_CHOICES, select
-from validators.report import Finding, Report
+from mm_convert.errors import CheckFailed, MMConvertError, RequestError
+from mm_convert.read.source import SourceCheckpoint
+from mm_convert.validators import exact, kernel_check, structure
+from mm_convert.validators.checkpoint import ConvertedCheckpoint
+from mm_convert.validators.kernels.select import KERNEL_CHOICES, select
+from mm_convert.validators.report import Finding, Report
 
 
 def parse_layers(text: str | None) -> list[int] | None:
@@ -27,18 +23,7 @@ def parse_layers(text: str | None) -> list[int] | None:
     try:
         return sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
-        raise ConvertError(f"--layers {text!r}: give layer numbers separated by commas, or all") from None
-
-
-def record_summary(out: str | Path, report: Report, settings: dict | None = None) -> None:
-    """Keep the report's summary in the manifest, under the shapes it covered (and the settings used)."""
-    manifest = Manifest.load(Path(out))
-    for shape in {f.shape for f in report.findings if f.shape} or {None}:
-        summary = report.summary(shape)
-        summary["settings"] = settings or {"kernel_requested": report.kernel_requested, "tokens": report.tokens,
-                                           "seed": report.seed, "allow_skip": report.allow_skip}
-        manifest.validation[shape or "all"] = summary
-    write_card(Path(out), manifest)  # the card shows the validation table; saves the manifest too
+        raise RequestError(f"--layers {text!r}: give layer numbers separated by commas, or all") from None
 
 
 @contextmanager
@@ -47,13 +32,16 @@ def _timed(report: Report, check: str):
     started = time.monotonic()
     try:
         yield
-    except ConvertError as exc:
+    except MMConvertError as exc:
         report.add(Finding(check, "fail", f"stopped: {exc}"))
     finally:
         report.seconds[check] = report.seconds.get(check, 0.0) + time.monotonic() - started
+        failed = sum(1 for f in report.findings if f.check == check and f.status == "fail")
+        log.info("check %s: %s in %.1f s", check, f"{failed} failure(s)" if failed else "no failure", report.seconds[check])
 
 
 ALL_CHECKS = ("structure", "exact", "kernel")
+log = logging.getLogger(__name__)
 
 
 def validate(out: str | Path, source: str | Path | None = None, kernel: str = "auto", layers: list[int] | None = None,
@@ -67,19 +55,19 @@ def validate(out: str | Path, source: str | Path | None = None, kernel: str = "a
         checks = ALL_CHECKS
     unknown = set(checks) - set(ALL_CHECKS)
     if unknown:
-        raise ConvertError(f"--checks: unknown {', '.join(sorted(unknown))} (choose from {', '.join(ALL_CHECKS)})")
+        raise CheckFailed(f"--checks: unknown {', '.join(sorted(unknown))} (choose from {', '.join(ALL_CHECKS)})")
     if not checks:
-        raise ConvertError(f"--checks: name at least one of {', '.join(ALL_CHECKS)}")
+        raise CheckFailed(f"--checks: name at least one of {', '.join(ALL_CHECKS)}")
     if kernel not in KERNEL_CHOICES:
-        raise ConvertError(f"--kernel {kernel!r}: choose one of {', '.join(KERNEL_CHOICES)}")
+        raise CheckFailed(f"--kernel {kernel!r}: choose one of {', '.join(KERNEL_CHOICES)}")
     if tokens < 1:
-        raise ConvertError(f"--tokens must be at least 1, got {tokens}")
+        raise CheckFailed(f"--tokens must be at least 1, got {tokens}")
     if not 0 <= seed < 2**31:
-        raise ConvertError(f"--seed must be between 0 and {2**31 - 1}, got {seed}")
+        raise CheckFailed(f"--seed must be between 0 and {2**31 - 1}, got {seed}")
     if device not in (None, "cpu", "cuda"):
-        raise ConvertError(f"--device {device!r}: choose cpu or cuda")
+        raise CheckFailed(f"--device {device!r}: choose cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConvertError("--device cuda: no CUDA device is available here")
+        raise RequestError("--device cuda: no CUDA device is available here")
     with ConvertedCheckpoint.open(out) as ckpt:
         if layers == [-1]:
             chosen = list(range(ckpt.shape.num_layers))
@@ -87,7 +75,7 @@ def validate(out: str | Path, source: str | Path | None = None, kernel: str = "a
             chosen = layers if layers is not None else kernel_check.default_layers(ckpt.shape.num_layers)
         outside = [layer for layer in chosen if not 0 <= layer < ckpt.shape.num_layers]
         if outside:
-            raise ConvertError(f"--layers: layer {outside[0]} does not exist (the model has {ckpt.shape.num_layers})")
+            raise CheckFailed(f"--layers: layer {outside[0]} does not exist (the model has {ckpt.shape.num_layers})")
         report = Report(out=str(out), source=str(source) if source else None, kernel_requested=kernel,
                         layers=chosen, tokens=tokens, seed=seed, allow_skip=allow_skip)
         if "structure" in checks:

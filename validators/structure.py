@@ -9,14 +9,15 @@ from pathlib import Path
 
 import torch
 
-from convert import output_format, presharded
-from convert.errors import ConvertError
-from convert.fsutil import sha256_file
-from convert.output_format import EXPERT_DTYPES
-from convert.safetensors_file import read_header, tensor_bytes
-from convert.sglang_state import PreshardedTarget
-from validators.checkpoint import ConvertedCheckpoint, OutputView
-from validators.report import Finding, Report
+from mm_convert import output_format
+from mm_convert.plan import presharded
+from mm_convert.errors import MMConvertError
+from mm_convert.fsutil import sha256_file
+from mm_convert.output_format import EXPERT_DTYPES
+from mm_convert.read.safetensors_file import read_header, tensor_bytes
+from mm_convert.plan.sglang_state import PreshardedTarget
+from mm_convert.validators.checkpoint import ConvertedCheckpoint, OutputView
+from mm_convert.validators.report import Finding, Report
 
 CHECK = "structure"
 
@@ -25,7 +26,7 @@ def check_manifest(ckpt: ConvertedCheckpoint, report: Report, on_bytes=None) -> 
     """Every listed file exists with its size and sha256; no unlisted file sits among the outputs."""
     try:
         manifest = ckpt.manifest()
-    except ConvertError as exc:
+    except MMConvertError as exc:
         report.add(Finding(CHECK, "fail", str(exc)))
         return
     listed = {f.path for f in manifest.files}
@@ -84,7 +85,7 @@ def check_config_block(ckpt: ConvertedCheckpoint, report: Report) -> None:
         par = entry.parallel
         try:
             par.validate(ckpt.shape)
-        except ConvertError as exc:
+        except MMConvertError as exc:
             problems.append(f"shape {par.dirname}: {exc}")
             continue
         if entry.dir in seen:
@@ -134,7 +135,7 @@ def check_shape_files(ckpt: ConvertedCheckpoint, report: Report) -> None:
             continue
         try:
             entry.parallel.validate(ckpt.shape)
-        except ConvertError:
+        except MMConvertError:
             continue  # already reported by the config-block check
         label = entry.parallel.dirname
         ranks = ckpt.ranks(entry)
@@ -162,7 +163,7 @@ def check_shape_files(ckpt: ConvertedCheckpoint, report: Report) -> None:
                     continue
                 try:
                     header = read_header(path)
-                except ConvertError as exc:
+                except MMConvertError as exc:
                     report.add(Finding(CHECK, "fail", str(exc), shape=label, rank=g.rank))
                     bad += 1
                     continue
@@ -214,7 +215,7 @@ def check_padding_and_scales(ckpt: ConvertedCheckpoint, report: Report, layers: 
     for entry in ckpt.block.shapes:
         try:
             entry.parallel.validate(ckpt.shape)
-        except ConvertError:
+        except MMConvertError:
             continue
         label = entry.key
         bad = 0
@@ -225,7 +226,7 @@ def check_padding_and_scales(ckpt: ConvertedCheckpoint, report: Report, layers: 
                     t = ckpt.rank_layer(entry, g.rank, layer)
                     w13 = ckpt.profile.to_major_k(t.w13).view(torch.uint8)
                     w2 = ckpt.profile.to_major_k(t.w2).view(torch.uint8)
-                except (ConvertError, RuntimeError, ValueError) as exc:
+                except (MMConvertError, RuntimeError, ValueError) as exc:
                     report.add(Finding(CHECK, "fail", f"cannot read: {exc}", shape=label, layer=layer, rank=g.rank))
                     bad += 1
                     continue
@@ -278,7 +279,7 @@ def check_index(ckpt: ConvertedCheckpoint, report: Report) -> None:
         return
     try:
         weight_map = ckpt.weight_map()
-    except ConvertError as exc:
+    except MMConvertError as exc:
         report.add(Finding(CHECK, "fail", str(exc)))
         return
     bad = 0
@@ -288,7 +289,7 @@ def check_index(ckpt: ConvertedCheckpoint, report: Report) -> None:
     for file_name, names in sorted(files.items()):
         try:
             present = {t.name for t in read_header(ckpt.root / file_name).tensors}
-        except ConvertError as exc:
+        except MMConvertError as exc:
             report.add(Finding(CHECK, "fail", str(exc)))
             bad += 1
             continue
@@ -309,7 +310,7 @@ def check_presharded(ckpt: ConvertedCheckpoint, report: Report) -> None:
         problems: list[tuple[str, int | None]] = []
         try:
             expected = presharded.launch_state(OutputView(ckpt), PreshardedTarget(entry.parallel, entry.gpu_arch or ""))
-        except ConvertError as exc:
+        except MMConvertError as exc:
             report.add(Finding(CHECK, "fail", f"cannot derive SGLang's state for this launch: {exc}", shape=label))
             continue
         folder = ckpt.root / entry.dir
@@ -320,7 +321,7 @@ def check_presharded(ckpt: ConvertedCheckpoint, report: Report) -> None:
         try:
             plan = ckpt.checksum(entry)
             reads = ckpt.reads(entry)
-        except ConvertError as exc:
+        except MMConvertError as exc:
             report.add(Finding(CHECK, "fail", str(exc), shape=label))
             continue
         if plan.get("version") != presharded.PLAN_VERSION or plan.get("world_size") != entry.tp:

@@ -24,10 +24,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from convert.execute import ConvertOptions, convert
-from convert.model import read_model_shape
-from convert.parallel import ParallelShape
-from convert.tiny import REAL_LAYER, make_synthetic
+from mm_convert.commands.convert import ConvertOptions, convert
+from mm_convert.model import read_model_shape
+from mm_convert.plan.parallel import ParallelShape
+from mm_convert.read.tiny import REAL_LAYER, make_synthetic
 from tests.checkpoint_io import load_all
 from tests.parity import sglang_harness as harness
 
@@ -170,7 +170,7 @@ def main() -> None:
     import tempfile
     import time
 
-    from convert.tiny import TINY
+    from mm_convert.read.tiny import TINY
 
     print("| source | tp | ep | I_p | experts/rank | all-zero ranks | bytes compared | byte-identical ranks | unchanged by post-load |")
     print("|---|---|---|---|---|---|---|---|---|")

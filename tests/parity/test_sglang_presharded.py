@@ -30,11 +30,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from convert import model
-from convert.execute import ConvertOptions, convert, serving_config
-from convert.quant import quantize_fp8_block
-from convert.source import SourceCheckpoint
-from convert.tiny import REAL_LAYER, TINY, make_synthetic
+from mm_convert import model
+from mm_convert.commands.convert import ConvertOptions, convert, serving_config
+from mm_convert.transform.quant import quantize_fp8_block
+from mm_convert.read.source import SourceCheckpoint
+from mm_convert.read.tiny import REAL_LAYER, TINY, make_synthetic
 from tests.parity import sglang_harness as harness
 from tests.parity.sglang_launch import RankResult, run_ranks
 

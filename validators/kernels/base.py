@@ -7,8 +7,8 @@ from typing import Protocol
 
 import torch
 
-from convert.model import QUANT_BLOCK
-from validators.numerics import Tolerance
+from mm_convert.model import QUANT_BLOCK
+from mm_convert.validators.numerics import Tolerance
 
 
 @dataclass(frozen=True)

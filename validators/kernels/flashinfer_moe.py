@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from convert.profiles import WEIGHT_LAYOUT_MAJOR_K
-from validators.kernels.base import RankWeights, RoutedInputs
-from validators.numerics import FP8_KERNEL
-from validators.routing import unpack_topk
+from mm_convert.transform.profiles import WEIGHT_LAYOUT_MAJOR_K
+from mm_convert.validators.kernels.base import RankWeights, RoutedInputs
+from mm_convert.validators.numerics import FP8_KERNEL
+from mm_convert.validators.routing import unpack_topk
 
 ROUTING_METHOD_TOPK = 5  # flashinfer.RoutingMethodType.TopK: what SGLang passes for pre-routed tokens
 CUTLASS_MODULE = "fused_moe_90"

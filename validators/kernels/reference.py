@@ -13,11 +13,11 @@ from functools import lru_cache
 
 import torch
 
-from convert.model import QUANT_BLOCK
-from convert.profiles import WEIGHT_LAYOUT_BLOCK_MAJOR_K, shuffle_row_indices
-from validators.kernels.base import RankWeights, RoutedInputs
-from validators.numerics import EXACT_MATH
-from validators.routing import unpack_topk
+from mm_convert.model import QUANT_BLOCK
+from mm_convert.transform.profiles import WEIGHT_LAYOUT_BLOCK_MAJOR_K, shuffle_row_indices
+from mm_convert.validators.kernels.base import RankWeights, RoutedInputs
+from mm_convert.validators.numerics import EXACT_MATH
+from mm_convert.validators.routing import unpack_topk
 
 
 @lru_cache(maxsize=16)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from convert.profiles import KernelFlags
-from validators.kernels.base import Backend
-from validators.kernels.reference import ReferenceBackend
+from mm_convert.transform.profiles import KernelFlags
+from mm_convert.validators.kernels.base import Backend
+from mm_convert.validators.kernels.reference import ReferenceBackend
 
 KERNEL_CHOICES = ("auto", "reference", "triton", "cutlass", "trtllm")
 
@@ -32,11 +32,11 @@ def default_device() -> str:
 def _unavailable(kernel: str, flags: KernelFlags, explicit: bool) -> str | None:
     if kernel == "triton":
         try:
-            from validators.kernels import triton_moe
+            from mm_convert.validators.kernels import triton_moe
         except ImportError as exc:
             return f"Triton is not importable ({exc})"
         return triton_moe.unavailable_reason(allow_interpreter=explicit)
-    from validators.kernels import flashinfer_moe
+    from mm_convert.validators.kernels import flashinfer_moe
 
     if kernel == "trtllm":
         return flashinfer_moe.trtllm_unavailable_reason()
@@ -45,10 +45,10 @@ def _unavailable(kernel: str, flags: KernelFlags, explicit: bool) -> str | None:
 
 def _make(kernel: str, device: str) -> Backend:
     if kernel == "triton":
-        from validators.kernels.triton_moe import TritonBackend, interpreting
+        from mm_convert.validators.kernels.triton_moe import TritonBackend, interpreting
 
         return TritonBackend(device if interpreting() else "cuda")
-    from validators.kernels.flashinfer_moe import CutlassBackend, TrtllmBackend
+    from mm_convert.validators.kernels.flashinfer_moe import CutlassBackend, TrtllmBackend
 
     return TrtllmBackend("cuda") if kernel == "trtllm" else CutlassBackend("cuda")
 

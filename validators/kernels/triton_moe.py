@@ -26,11 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-from convert.model import QUANT_BLOCK
-from convert.profiles import EPILOGUE_TILE_M, WEIGHT_LAYOUT_BLOCK_MAJOR_K
-from validators.kernels.base import RankWeights, RoutedInputs
-from validators.numerics import FP8_KERNEL
-from validators.routing import unpack_topk
+from mm_convert.model import QUANT_BLOCK
+from mm_convert.transform.profiles import EPILOGUE_TILE_M, WEIGHT_LAYOUT_BLOCK_MAJOR_K
+from mm_convert.validators.kernels.base import RankWeights, RoutedInputs
+from mm_convert.validators.numerics import FP8_KERNEL
+from mm_convert.validators.routing import unpack_topk
 
 BLOCK_K = QUANT_BLOCK
 BLOCK_N = QUANT_BLOCK  # one weight-scale block per program column, one activation scale per row
@@ -105,7 +105,7 @@ def _gemm1_swiglu(
         acc_up += tl.dot(a, tl.trans(b_up)) * (a_s[:, None] * s_up)
         acc_gate += tl.dot(a, tl.trans(b_gate)) * (a_s[:, None] * s_gate)
     act = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up  # silu(gate) * up
-    # 448.0: e4m3's largest finite value (convert.model.FP8_MAX), as a literal for the compiler.
+    # 448.0: e4m3's largest finite value (mm_convert.model.FP8_MAX), as a literal for the compiler.
     amax = tl.max(tl.abs(act), axis=1)
     scale = tl.where(amax > 0, amax / 448.0, 1.0)
     scaled = act / scale[:, None]

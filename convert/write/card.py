@@ -10,14 +10,17 @@ from __future__ import annotations
 import html
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from convert import model, output_format
-from convert.errors import ConvertError
-from convert.fsutil import FileRecord, atomic_write_bytes, read_json_object, sha256_file
-from convert.manifest import Manifest
-from convert.output_format import ConfigBlock
-from convert.tiny import SYNTHETIC_KEY
+from mm_convert import model, output_format
+from mm_convert.errors import SourceError
+from mm_convert.fsutil import FileRecord, atomic_write_bytes, read_json_object, sha256_file
+from mm_convert.write.manifest import Manifest
+from mm_convert.output_format import ConfigBlock
+from mm_convert.output_format import SYNTHETIC_KEY
+
+if TYPE_CHECKING:
+    from mm_convert.validators.report import Report
 
 
 # Model-card metadata the converted card takes over from the source's card, whole: the licence
@@ -40,7 +43,7 @@ def source_card_metadata(source_dir: Path) -> dict[str, Any]:
     try:
         meta = metadata_load(readme) or {}
     except Exception as exc:  # noqa: BLE001 - yaml and ValueError: one line naming the file
-        raise ConvertError(f"{readme}: its metadata block cannot be parsed ({type(exc).__name__}); "
+        raise SourceError(f"{readme}: its metadata block cannot be parsed ({type(exc).__name__}); "
                            "fix or remove the card (its licence would be carried over)") from None
     out: dict[str, Any] = {}
     for key in CARRIED_METADATA:
@@ -200,8 +203,8 @@ def _layout_sentence(profile: str) -> str:
 
 
 def _presharded_sections(block: ConfigBlock) -> list[str]:
-    from convert.presharded import launch_command
-    from convert.sglang_state import GPU_ARCH_NAMES
+    from mm_convert.plan.presharded import launch_command
+    from mm_convert.plan.sglang_state import GPU_ARCH_NAMES
 
     lines = [
         "## What was done to the weights",
@@ -387,3 +390,15 @@ def write_card(out: Path, manifest: Manifest) -> None:
     card_names = (output_format.MODEL_CARD_NAME, output_format.CHART_NAME)
     manifest.files = [f for f in manifest.files if f.path not in card_names] + records
     manifest.save(out)
+
+
+def record_validation(out: str | Path, report: "Report", settings: dict | None = None) -> None:
+    """Keep a validation report's summary in the manifest, under the shapes it covered (and the
+    settings used), and re-render the card. The validators only read; recording is the write side's."""
+    manifest = Manifest.load(Path(out))
+    for shape in {f.shape for f in report.findings if f.shape} or {None}:
+        summary = report.summary(shape)
+        summary["settings"] = settings or {"kernel_requested": report.kernel_requested, "tokens": report.tokens,
+                                           "seed": report.seed, "allow_skip": report.allow_skip}
+        manifest.validation[shape or "all"] = summary
+    write_card(Path(out), manifest)  # the card shows the validation table; saves the manifest too

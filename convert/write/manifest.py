@@ -11,11 +11,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convert import __version__
-from convert.errors import ConvertError
-from convert.fsutil import FileRecord, atomic_write_bytes, confined, read_json_object
-from convert.output_format import FORMAT_VERSION, MANIFEST_NAME
-from convert.source import SourceCheckpoint
+from mm_convert import __version__
+from mm_convert.errors import CheckFailed, MMConvertError
+from mm_convert.fsutil import FileRecord, atomic_write_bytes, confined, read_json_object
+from mm_convert.output_format import FORMAT_VERSION, MANIFEST_NAME
+from mm_convert.read.source import SourceCheckpoint
 
 TOOL_NAME = "mm-convert"
 
@@ -147,12 +147,12 @@ class Manifest:
                 source_digests={str(k): str(v) for k, v in (d.get("source_digests") or {}).items()},
                 digest_algorithm=str(d.get("digest_algorithm", "xxh3_128")),
             )
-        except ConvertError as exc:
+        except MMConvertError as exc:
             if not path.exists() and not path.is_symlink():
-                raise ConvertError(f"{path}: missing: the folder holds no finished conversion") from None
+                raise CheckFailed(f"{path}: missing: the folder holds no finished conversion") from None
             raise exc
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ConvertError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+            raise CheckFailed(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
 
     def save(self, out: Path) -> None:
         atomic_write_bytes(out / MANIFEST_NAME, self.to_json())

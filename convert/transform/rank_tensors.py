@@ -14,11 +14,11 @@ from typing import Iterator
 
 import torch
 
-from convert.model import QUANT_BLOCK
-from convert.quant import requant_ue8m0
-from convert.safetensors_file import DTYPES
-from convert.sglang_state import Assemble, Constant, RankTensor, Rows, Ue8m0Requant, Zeros
-from convert.source import SourceCheckpoint
+from mm_convert.model import QUANT_BLOCK
+from mm_convert.transform.quant import requant_ue8m0
+from mm_convert.read.safetensors_file import DTYPES
+from mm_convert.plan.sglang_state import Assemble, Constant, RankTensor, Rows, Ue8m0Requant, Zeros
+from mm_convert.read.source import SourceCheckpoint
 
 DEFAULT_PIECE_BYTES = 64 * 1024 * 1024
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from convert.model import FP8_MAX, QUANT_BLOCK
+from mm_convert.model import FP8_MAX, QUANT_BLOCK
 
 
 def _blocked(w: torch.Tensor) -> tuple[torch.Tensor, int, int]:

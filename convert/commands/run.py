@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from convert.errors import ConvertError
-from convert.recipe import Recipe
-from convert.tiny import TINY, make_synthetic
+from mm_convert.errors import CheckFailed, MMConvertError
+from mm_convert.recipe import Recipe
+from mm_convert.read.tiny import TINY, make_synthetic
 
 
 @dataclass
@@ -60,7 +60,7 @@ def prepare_source(recipe: Recipe, quiet: bool = False) -> tuple[Path, bool, str
             return folder, False, f"built-in tiny model already at {folder}"
         make_synthetic(folder, TINY, spec.tiny_dtype or "fp8", spec.tiny_seed)
         return folder, True, f"made the built-in tiny model ({spec.tiny_dtype}, seed {spec.tiny_seed}) at {folder}"
-    from convert.hub import download
+    from mm_convert.read.download import download
 
     result = download(spec.repo_id or "", None, spec.revision, quiet=quiet)
     return result.folder, bool(result.downloaded), (
@@ -72,7 +72,7 @@ def _step(result: RunResult, name: str, fn):
     started = time.monotonic()
     try:
         status, detail, value = fn()
-    except ConvertError as exc:
+    except MMConvertError as exc:
         result.steps.append(StepResult(name, "failed", time.monotonic() - started, str(exc)))
         raise
     result.steps.append(StepResult(name, status, time.monotonic() - started, detail))
@@ -80,9 +80,9 @@ def _step(result: RunResult, name: str, fn):
 
 
 def run_recipe(recipe: Recipe, quiet: bool = False) -> RunResult:
-    from convert.execute import ConvertOptions, convert
-    from convert.hub import DownloadRecord
-    from convert.manifest import Manifest
+    from mm_convert.commands.convert import ConvertOptions, convert
+    from mm_convert.read.download import DownloadRecord
+    from mm_convert.write.manifest import Manifest
 
     result = RunResult(str(recipe.path or recipe.name))
     out = recipe.output_path
@@ -109,7 +109,8 @@ def run_recipe(recipe: Recipe, quiet: bool = False) -> RunResult:
     result.launch_command = converted.launch_command
 
     def validate_step():
-        from validators.run import record_summary, validate
+        from mm_convert.validators.run import validate
+        from mm_convert.write.card import record_validation
 
         v = recipe.validate
         if not v.enabled:
@@ -120,9 +121,9 @@ def run_recipe(recipe: Recipe, quiet: bool = False) -> RunResult:
         if not converted.data_files_written and previous and previous.get("passed") and previous.get("settings") == settings:
             return "skipped", f"passed before with the same settings ({previous.get('kernel')}); files unchanged", None
         rep = validate(out, source, v.kernel, list(v.layers) if v.layers is not None else None, v.tokens, v.seed)
-        record_summary(out, rep, settings)
+        record_validation(out, rep, settings)
         if not rep.passed:
-            raise ConvertError(f"validation failed: {rep.failures()[0].line()} (and {len(rep.failures()) - 1} more)")
+            raise CheckFailed(f"validation failed: {rep.failures()[0].line()} (and {len(rep.failures()) - 1} more)")
         return "done", f"passed: kernel {rep.kernel_used}, layers {rep.layers}, {len(rep.findings)} checks", rep
 
     _step(result, "validate", validate_step)
@@ -134,7 +135,7 @@ def run_recipe(recipe: Recipe, quiet: bool = False) -> RunResult:
                                "HF_TOKEN; HF_ENDPOINT for a local Hub server)"), None
         if not os.environ.get("HF_TOKEN") and _no_saved_token():
             return "skipped", "no Hub token (HF_TOKEN or `hf auth login`): nothing uploaded", None
-        from convert.hub import publish
+        from mm_convert.publish.upload import publish
 
         r = publish(out, p.repo_id or "", private=p.private, revision=p.revision, quiet=quiet)
         if not r.commits:

@@ -15,12 +15,12 @@ from typing import Iterator, Literal
 
 import torch
 
-from convert import model
-from convert.errors import ConvertError
-from convert.fsutil import confined, read_json_object, regular_file_problem
-from convert.hf_cache import snapshot_of
-from convert.model import ModelShape
-from convert.safetensors_file import TensorInfo, pread_into, read_header, tensor_bytes
+from mm_convert import model
+from mm_convert.errors import SourceError
+from mm_convert.fsutil import confined, read_json_object, regular_file_problem
+from mm_convert.read.hf_cache import snapshot_of
+from mm_convert.model import ModelShape
+from mm_convert.read.safetensors_file import TensorInfo, pread_into, read_header, tensor_bytes
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_FILE_NAME = "model.safetensors"
@@ -69,7 +69,7 @@ class SourceCheckpoint:
     def open(cls, root: str | os.PathLike) -> "SourceCheckpoint":
         root = Path(root)
         if not root.is_dir():
-            raise ConvertError(f"{root}: source is not a directory")
+            raise SourceError(f"{root}: source is not a directory")
         root = root.resolve()
         config_path = root / "config.json"
         config = read_json_object(config_path)
@@ -86,7 +86,7 @@ class SourceCheckpoint:
             files.append(SourceFile(name, header.file_size, st.st_mtime_ns, header.header_sha256, st.st_ino))
             for info in header.tensors:
                 if info.name in tensors:
-                    raise ConvertError(
+                    raise SourceError(
                         f"{path}: tensor {info.name} also appears in {tensors[info.name].path.name}"
                     )
                 tensors[info.name] = info
@@ -95,9 +95,9 @@ class SourceCheckpoint:
             for tensor_name, file_name in index_map.items():
                 info = tensors.get(tensor_name)
                 if info is None:
-                    raise ConvertError(f"{root / file_name}: tensor {tensor_name} is in the index but not in the file")
+                    raise SourceError(f"{root / file_name}: tensor {tensor_name} is in the index but not in the file")
                 if info.path.name != Path(file_name).name:
-                    raise ConvertError(
+                    raise SourceError(
                         f"{root / INDEX_NAME}: tensor {tensor_name} is indexed in {file_name} but stored in {info.path.name}"
                     )
 
@@ -113,7 +113,7 @@ class SourceCheckpoint:
         try:
             return self.tensors[name]
         except KeyError:
-            raise ConvertError(f"{self.root}: missing tensor {name}") from None
+            raise SourceError(f"{self.root}: missing tensor {name}") from None
 
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
@@ -121,7 +121,7 @@ class SourceCheckpoint:
             try:
                 fd = os.open(path, os.O_RDONLY)
             except OSError as exc:
-                raise ConvertError(f"{path}: cannot open: {exc.strerror}") from exc
+                raise SourceError(f"{path}: cannot open: {exc.strerror}") from exc
             self._fds[path] = fd
         return fd
 
@@ -154,7 +154,7 @@ class SourceCheckpoint:
         return out
 
     def dtype_of(self, name: str) -> str:
-        """The safetensors dtype name of a tensor (ConvertError naming the source if it is missing)."""
+        """The safetensors dtype name of a tensor (SourceError naming the source if it is missing)."""
         return self.info(name).dtype
 
     def read(self, name: str) -> torch.Tensor:
@@ -205,7 +205,7 @@ def _inside(root: Path, name: str, referrer: str) -> Path:
                     also_within=snapshot.blobs if snapshot else None)
     problem = regular_file_problem(path)
     if problem:
-        raise ConvertError(f"{path}: named by {referrer} but {problem}")
+        raise SourceError(f"{path}: named by {referrer} but {problem}")
     return path
 
 
@@ -218,7 +218,7 @@ def _index_weight_map(root: Path) -> dict[str, str] | None:
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
-        raise ConvertError(f"{index_path}: weight_map must map tensor names to file names")
+        raise SourceError(f"{index_path}: weight_map must map tensor names to file names")
     return weight_map
 
 
@@ -226,7 +226,7 @@ def _shard_names(root: Path, weight_map: dict[str, str] | None) -> list[str]:
     if weight_map is not None:
         names = sorted(set(weight_map.values()))
         if not names:
-            raise ConvertError(f"{root / INDEX_NAME}: weight_map is empty")
+            raise SourceError(f"{root / INDEX_NAME}: weight_map is empty")
         for name in names:
             _inside(root, name, INDEX_NAME)
         return names
@@ -235,11 +235,11 @@ def _shard_names(root: Path, weight_map: dict[str, str] | None) -> list[str]:
         return [SINGLE_FILE_NAME]
     pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise ConvertError(
+        raise SourceError(
             f"{root / pickles[0]}: pickle checkpoints are never loaded (they can run code); "
             "use a safetensors source (model.safetensors or model.safetensors.index.json)"
         )
-    raise ConvertError(f"{root}: no {INDEX_NAME} or {SINGLE_FILE_NAME}")
+    raise SourceError(f"{root}: no {INDEX_NAME} or {SINGLE_FILE_NAME}")
 
 
 def _check_experts(shape: ModelShape, tensors: dict[str, TensorInfo], config_path: Path) -> tuple[SourceKind, str]:
@@ -250,23 +250,23 @@ def _check_experts(shape: ModelShape, tensors: dict[str, TensorInfo], config_pat
         if parsed is None:
             continue
         if parsed.layer >= shape.num_layers or parsed.expert >= shape.num_experts:
-            raise ConvertError(
+            raise SourceError(
                 f"{info.path}: tensor {name} is outside the config "
                 f"(num_hidden_layers={shape.num_layers}, num_local_experts={shape.num_experts}; {config_path})"
             )
         if not parsed.is_scale:
             dtypes.add(info.dtype)
     if not dtypes:
-        raise ConvertError(f"{config_path}: the checkpoint has no routed-expert tensors")
+        raise SourceError(f"{config_path}: the checkpoint has no routed-expert tensors")
     if len(dtypes) > 1:
-        raise ConvertError(f"{config_path}: routed experts mix dtypes {sorted(dtypes)}")
+        raise SourceError(f"{config_path}: routed experts mix dtypes {sorted(dtypes)}")
     (dtype,) = dtypes
     if dtype == "F8_E4M3":
         kind: SourceKind = "fp8"
     elif dtype in QUANTISABLE_DTYPES:
         kind = "bf16"
     else:
-        raise ConvertError(f"{config_path}: routed experts have unsupported dtype {dtype} (need F8_E4M3, BF16, F16 or F32)")
+        raise SourceError(f"{config_path}: routed experts have unsupported dtype {dtype} (need F8_E4M3, BF16, F16 or F32)")
 
     for layer in range(shape.num_layers):
         for expert in range(shape.num_experts):
@@ -276,15 +276,15 @@ def _check_experts(shape: ModelShape, tensors: dict[str, TensorInfo], config_pat
                 sinfo = tensors.get(sname)
                 if kind == "fp8":
                     if sinfo is None:
-                        raise ConvertError(f"{info.path}: missing tensor {sname} (the scale of an FP8 weight)")
+                        raise SourceError(f"{info.path}: missing tensor {sname} (the scale of an FP8 weight)")
                     want = model.scale_shape(wshape)
                     if sinfo.shape != want or sinfo.dtype != "F32":
-                        raise ConvertError(
+                        raise SourceError(
                             f"{sinfo.path}: tensor {sname} is {sinfo.dtype} {list(sinfo.shape)}, "
                             f"expected F32 {list(want)} (128x128 blocks)"
                         )
                 elif sinfo is not None:
-                    raise ConvertError(f"{sinfo.path}: tensor {sname} is a scale for a {dtype} weight")
+                    raise SourceError(f"{sinfo.path}: tensor {sname} is a scale for a {dtype} weight")
     return kind, dtype
 
 
@@ -293,9 +293,9 @@ def _require(tensors: dict[str, TensorInfo], name: str, shape: tuple[int, ...], 
     """A tensor the config says must exist, with the shape it implies."""
     info = tensors.get(name)
     if info is None:
-        raise ConvertError(f"{config_path}: missing tensor {name}{role}")
+        raise SourceError(f"{config_path}: missing tensor {name}{role}")
     if info.shape != shape:
-        raise ConvertError(f"{info.path}: tensor {name} has shape {list(info.shape)}, the config implies {list(shape)}")
+        raise SourceError(f"{info.path}: tensor {name} has shape {list(info.shape)}, the config implies {list(shape)}")
     return info
 
 
@@ -308,38 +308,38 @@ def _check_quantization_config(config: dict, kind: SourceKind, tensors: dict[str
     q = config.get("quantization_config")
     if kind != "fp8":
         if isinstance(q, dict) and q.get("quant_method") not in (None,):
-            raise ConvertError(f"{config_path}: quantization_config.quant_method = {q.get('quant_method')!r}, "
+            raise SourceError(f"{config_path}: quantization_config.quant_method = {q.get('quant_method')!r}, "
                                "but the routed experts are not quantised")
         return
     if not isinstance(q, dict):
-        raise ConvertError(f"{config_path}: the experts are FP8 but there is no quantization_config (SGLang would load "
+        raise SourceError(f"{config_path}: the experts are FP8 but there is no quantization_config (SGLang would load "
                            "them as plain weights)")
     for name, allowed in FP8_QUANT_FIELDS.items():
         if q.get(name) not in allowed:
-            raise ConvertError(f"{config_path}: quantization_config.{name} = {q.get(name)!r}; FP8 e4m3 block checkpoints "
+            raise SourceError(f"{config_path}: quantization_config.{name} = {q.get(name)!r}; FP8 e4m3 block checkpoints "
                                f"need {' or '.join(map(repr, allowed))}")
     if q.get("weight_block_size") != [model.QUANT_BLOCK, model.QUANT_BLOCK]:
-        raise ConvertError(f"{config_path}: quantization_config.weight_block_size = {q.get('weight_block_size')!r}; "
+        raise SourceError(f"{config_path}: quantization_config.weight_block_size = {q.get('weight_block_size')!r}; "
                            f"the scales are {model.QUANT_BLOCK}x{model.QUANT_BLOCK} blocks")
     skipped = q.get("modules_to_not_convert") or []
     if not isinstance(skipped, list) or not all(isinstance(m, str) for m in skipped):
-        raise ConvertError(f"{config_path}: quantization_config.modules_to_not_convert must be a list of names")
+        raise SourceError(f"{config_path}: quantization_config.modules_to_not_convert must be a list of names")
     q_proj = tensors.get(model.attention_projection_names(0)[0])
     attention_fp8 = q_proj is not None and q_proj.dtype == "F8_E4M3"
     attention_skipped = any(m.strip(".") in ("self_attn", "model.layers.0.self_attn") for m in skipped)
     if q_proj is not None and attention_fp8 == attention_skipped:
-        raise ConvertError(f"{config_path}: quantization_config.modules_to_not_convert "
+        raise SourceError(f"{config_path}: quantization_config.modules_to_not_convert "
                            f"{'lists' if attention_skipped else 'does not list'} self_attn, but {q_proj.name} is "
                            f"{q_proj.dtype}")
 
 
 def _check_names(tensors: dict[str, TensorInfo]) -> None:
     """No source tensor may carry a name an output tensor is given (the output would hold two)."""
-    from convert.output_format import parse_expert_tensor_name
+    from mm_convert.output_format import parse_expert_tensor_name
 
     for name, info in tensors.items():
         if parse_expert_tensor_name(name) is not None:
-            raise ConvertError(f"{info.path}: tensor {name} is named like a converted expert tensor; refused "
+            raise SourceError(f"{info.path}: tensor {name} is named like a converted expert tensor; refused "
                                "(is this folder already a conversion?)")
 
 
@@ -351,5 +351,5 @@ def _check_router(shape: ModelShape, tensors: dict[str, TensorInfo], config_path
         ):
             info = _require(tensors, name, want, config_path, f" (the router of layer {layer})")
             if info.dtype not in ("F32", "BF16", "F16"):
-                raise ConvertError(f"{info.path}: tensor {name} has unsupported dtype {info.dtype}")
+                raise SourceError(f"{info.path}: tensor {name} has unsupported dtype {info.dtype}")
 

@@ -20,9 +20,9 @@ from typing import Callable
 
 import torch
 
-from convert.errors import ConvertError
-from convert.model import QUANT_BLOCK
-from convert.parallel import RankGeometry
+from mm_convert.errors import RequestError
+from mm_convert.model import QUANT_BLOCK
+from mm_convert.plan.parallel import RankGeometry
 
 EPILOGUE_TILE_M = 64
 SHUFFLE_ROWS = 16  # rows permuted together by the shuffle with epilogue tile 64
@@ -331,4 +331,4 @@ def get_profile(name: str) -> Profile:
     try:
         return PROFILES[name]
     except KeyError:
-        raise ConvertError(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)}") from None
+        raise RequestError(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)}") from None

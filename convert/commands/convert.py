@@ -18,6 +18,7 @@ written last.
 
 from __future__ import annotations
 
+import logging
 import json
 import os
 import time
@@ -28,16 +29,16 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from convert import __version__, model, output_format
-from convert.card import card_files, source_card_metadata
-from convert.errors import ConvertError
-from convert.estimate import Estimate, check_disk, estimate
-from convert.fsutil import FileRecord, atomic_write_bytes, confined, read_small_file
-from convert.manifest import Census, DtypeCount, Manifest, SourceIdentity, new_manifest
-from convert.output_format import ConfigBlock, ShapeEntry
-from convert.parallel import ParallelShape
-from convert import presharded, sglang_state
-from convert.plan import (
+from mm_convert import __version__, model, output_format
+from mm_convert.write.card import card_files, source_card_metadata
+from mm_convert.errors import MMConvertError, OutputError, RequestError
+from mm_convert.plan.estimate import Estimate, check_disk, estimate
+from mm_convert.fsutil import FileRecord, atomic_write_bytes, confined, read_small_file
+from mm_convert.write.manifest import Census, DtypeCount, Manifest, SourceIdentity, new_manifest
+from mm_convert.output_format import ConfigBlock, ShapeEntry
+from mm_convert.plan.parallel import ParallelShape
+from mm_convert.plan import presharded, sglang_state
+from mm_convert.plan.build import (
     ConversionPlan,
     PlannedFile,
     PreshardedLayout,
@@ -46,38 +47,41 @@ from convert.plan import (
     build_presharded_plan,
     lay_out_presharded,
 )
-from convert.profiles import get_profile
-from convert.recipe import ConvertSpec
-from convert.progress import byte_bar
-from convert.safetensors_file import read_header
-from convert.digests import DigestCollector
-from convert.sinks import FileSink, HashSink
-from convert.sglang_state import DEFAULT_GPU_ARCH, PreshardedTarget
-from convert.source import SourceCheckpoint
-from convert.transform import DEFAULT_CHUNK_BYTES, RankStream, expert_stream, run_stream
-from convert.writer import WorkDir
+from mm_convert.transform.profiles import get_profile
+from mm_convert.recipe import ConvertSpec
+from mm_convert.units import human_bytes
+from mm_convert.progress import byte_bar
+from mm_convert.read.safetensors_file import read_header
+from mm_convert.read.digests import DigestCollector
+from mm_convert.write.sinks import FileSink, HashSink
+from mm_convert.plan.sglang_state import DEFAULT_GPU_ARCH, PreshardedTarget
+from mm_convert.read.source import SourceCheckpoint
+from mm_convert.transform.stream import RankStream, expert_stream, run_stream
+from mm_convert.write.workarea import WorkDir
 
 COPY_CHUNK = 64 * 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    profile: str = "sglang"
-    tp: int = 1
-    ep: int = 1
-    part_size: int = output_format.DEFAULT_PART_SIZE
-    device: str = "cpu"
+    profile: str = ConvertSpec.profile
+    tp: int = ConvertSpec.tp
+    ep: int = ConvertSpec.ep
+    part_size: int = ConvertSpec.part_size
+    device: str = ConvertSpec.device
     overwrite: bool = False
     quiet: bool = False
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    chunk_bytes: int = ConvertSpec.chunk_size
     source_repo: str | None = None
     source_revision: str | None = None
     source_sha256: dict[str, str] = field(default_factory=dict)
     recipe_name: str | None = None
     # torch intra-op threads for the transforms; None: `default_torch_threads()`
     torch_threads: int | None = None
-    format: str | None = None  # None: `output_format.default_format(profile)`
-    gpu_arch: str = DEFAULT_GPU_ARCH  # presharded: the GPU whose post-processed state is written
+    format: str | None = ConvertSpec.format  # None: `output_format.default_format(profile)`
+    gpu_arch: str = ConvertSpec.gpu_arch  # presharded: the GPU whose post-processed state is written
     ranks: tuple[int, ...] | None = None  # presharded: write only these ranks' files (None: all)
 
     @property
@@ -88,7 +92,7 @@ class ConvertOptions:
     def from_spec(cls, spec: "ConvertSpec", **rest: Any) -> "ConvertOptions":
         """A recipe's [convert] table (with command-line overrides applied) plus run settings."""
         return cls(profile=spec.profile, tp=spec.tp, ep=spec.ep, part_size=spec.part_size, device=spec.device,
-                   format=spec.format, gpu_arch=spec.gpu_arch, ranks=spec.ranks, **rest)
+                   format=spec.format, gpu_arch=spec.gpu_arch, ranks=spec.ranks, chunk_bytes=spec.chunk_size, **rest)
 
     def recipe_record(self) -> dict[str, Any]:
         record = {
@@ -108,15 +112,15 @@ class ConvertOptions:
         """Refuse a combination that cannot be written, in one line, before the source is read."""
         fmt = self.output_format
         if fmt not in output_format.OUTPUT_FORMATS:
-            raise ConvertError(f"--format {fmt!r}: choose one of {', '.join(output_format.OUTPUT_FORMATS)}")
+            raise RequestError(f"--format {fmt!r}: choose one of {', '.join(output_format.OUTPUT_FORMATS)}")
         get_profile(self.profile)
         if fmt == "presharded" and self.profile != "sglang":
-            raise ConvertError(f"--format presharded holds SGLang's own state, which is the sglang profile; "
+            raise RequestError(f"--format presharded holds SGLang's own state, which is the sglang profile; "
                                f"profile {self.profile!r} needs --format experts")
         if fmt == "experts" and self.ranks is not None:
-            raise ConvertError("--ranks applies to --format presharded (the experts format writes every rank)")
+            raise RequestError("--ranks applies to --format presharded (the experts format writes every rank)")
         if fmt == "experts" and self.gpu_arch != DEFAULT_GPU_ARCH:
-            raise ConvertError("--gpu-arch applies to --format presharded (the experts format is the same on every GPU)")
+            raise RequestError("--gpu-arch applies to --format presharded (the experts format is the same on every GPU)")
         PreshardedTarget(ParallelShape(self.tp, self.ep), self.gpu_arch).check()
 
 
@@ -222,18 +226,18 @@ def _fingerprint(source: SourceCheckpoint, options: ConvertOptions) -> dict[str,
 def _check_out_folder(out: Path, source: SourceCheckpoint) -> None:
     resolved = out.resolve()
     if resolved == source.root:
-        raise ConvertError(f"{out}: the output folder is the source folder; a source is never modified")
+        raise OutputError(f"{out}: the output folder is the source folder; a source is never modified")
     if source.root in resolved.parents:
-        raise ConvertError(f"{out}: inside the source folder {source.root}; a source is never modified, choose another")
+        raise OutputError(f"{out}: inside the source folder {source.root}; a source is never modified, choose another")
     if resolved in source.root.parents:
-        raise ConvertError(f"{out}: holds the source folder {source.root}; choose an output folder outside it")
+        raise OutputError(f"{out}: holds the source folder {source.root}; choose an output folder outside it")
     if out.exists() and not out.is_dir():
-        raise ConvertError(f"{out}: exists and is not a folder")
+        raise OutputError(f"{out}: exists and is not a folder")
     if out.is_dir():
         ours = {output_format.MANIFEST_NAME, output_format.WORK_DIR}
         entries = {p.name for p in out.iterdir()}
         if entries and not entries & ours:
-            raise ConvertError(f"{out}: not empty and holds no mm-convert output; choose an empty or new folder")
+            raise OutputError(f"{out}: not empty and holds no mm-convert output; choose an empty or new folder")
 
 
 def _previous(out: Path, identity: SourceIdentity, profile: str, fmt: str, overwrite: bool
@@ -256,7 +260,7 @@ def _previous(out: Path, identity: SourceIdentity, profile: str, fmt: str, overw
     if reason is None:
         return previous, None
     if not overwrite:
-        raise ConvertError(f"{out}: already holds a conversion of {reason}; pass --overwrite to replace it")
+        raise OutputError(f"{out}: already holds a conversion of {reason}; pass --overwrite to replace it")
     return None, previous
 
 
@@ -361,7 +365,7 @@ def census(out_paths: dict[str, Path], source: SourceCheckpoint, fmt: str = "exp
         source_not_loaded=not_loaded,
     )
     if fmt == "experts" and other != result.source_other_tensors:
-        raise ConvertError(f"census: the source has {result.source_other_tensors} non-expert tensors but the output "
+        raise MMConvertError(f"census: the source has {result.source_other_tensors} non-expert tensors but the output "
                            f"shards hold {other}; refusing to record an incomplete conversion")
     return result
 
@@ -417,15 +421,20 @@ def convert(source_dir: str | os.PathLike, out: str | os.PathLike, options: Conv
     with SourceCheckpoint.open(source_dir) as source:
         plan = _plan(source, options)
         if options.device != "cpu" and not torch.cuda.is_available():
-            raise ConvertError(f"--device {options.device}: no CUDA device is available here")
+            raise RequestError(f"--device {options.device}: no CUDA device is available here")
         identity = SourceIdentity.of(source, options.source_repo, options.source_revision, options.source_sha256,
                                      source_card_metadata(source.root))
         _check_out_folder(out, source)
-        check_disk(estimate(plan, out, options.overwrite), out)
+        est = estimate(plan, out, options.overwrite)
+        log.info("plan: %s, %d tensor files, %s (%s still to write, %s free at %s)", est.label, len(est.files),
+                 human_bytes(est.total_bytes), human_bytes(est.needed_bytes), human_bytes(est.free_bytes), out)
+        check_disk(est, out)
         work = WorkDir(out)
         work.acquire()  # first: a refused run must not have touched a finished conversion
         try:
             previous, replaced = _previous(out, identity, options.profile, fmt, options.overwrite)
+            log.info("previous output in %s: %s", out, "none" if previous is None else
+                     f"{len(previous.files)} files kept if they re-hash" + (" (replaced at commit: --overwrite)" if replaced else ""))
             if isinstance(plan, PreshardedPlan) and previous is not None:
                 plan = _with_previous_ranks(plan, previous)
             work.check_fingerprint(_fingerprint(source, options), options.overwrite)
@@ -509,7 +518,7 @@ def _digest_collector(source: SourceCheckpoint, work: WorkDir, previous: Manifes
         saved = json.loads(read_small_file(work.root / DIGESTS_FILE))
         if isinstance(saved, dict):
             known.update({str(k): str(v) for k, v in saved.items()})
-    except (ConvertError, ValueError):
+    except (MMConvertError, ValueError):
         pass
 
     def save(done: dict[str, str]) -> None:

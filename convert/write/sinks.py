@@ -14,12 +14,12 @@ from typing import Callable, Iterable
 
 import torch
 
-from convert.fsutil import FileRecord
-from convert.plan import PlannedFile
-from convert.presharded import content_hasher
-from convert.safetensors_file import DTYPES, HeaderEntry, encode_header_exact, tensor_bytes
-from convert.sglang_state import RankTensor
-from convert.writer import StagedFile, WorkDir
+from mm_convert.fsutil import FileRecord
+from mm_convert.plan.build import PlannedFile
+from mm_convert.plan.presharded import content_hasher
+from mm_convert.read.safetensors_file import DTYPES, HeaderEntry, encode_header_exact, tensor_bytes
+from mm_convert.plan.sglang_state import RankTensor
+from mm_convert.write.workarea import StagedFile, WorkDir
 
 
 class _Open:

@@ -11,18 +11,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convert import model, output_format
-from convert.errors import ConvertError
-from convert.fsutil import read_json_object
-from convert.manifest import Manifest
-from convert.output_format import ConfigBlock
-from convert.parallel import ParallelShape
-from convert.safetensors_file import read_header
-from convert.estimate import planned_files
-from convert.plan import build_presharded_plan
-from convert.sglang_state import DEFAULT_GPU_ARCH, PreshardedTarget
-from convert.source import SourceCheckpoint
-from convert.units import human_bytes
+from mm_convert import model, output_format
+from mm_convert.errors import MMConvertError
+from mm_convert.fsutil import read_json_object
+from mm_convert.write.manifest import Manifest
+from mm_convert.output_format import ConfigBlock
+from mm_convert.plan.parallel import ParallelShape
+from mm_convert.read.safetensors_file import read_header
+from mm_convert.plan.estimate import planned_files
+from mm_convert.plan.build import build_presharded_plan
+from mm_convert.plan.sglang_state import DEFAULT_GPU_ARCH, PreshardedTarget
+from mm_convert.read.source import SourceCheckpoint
+from mm_convert.units import human_bytes
 
 
 @dataclass
@@ -100,15 +100,15 @@ def _inspect_source(path: Path) -> Summary:
                 s.data["shapes"].append({"tp": tp, "ep": ep, "experts_per_rank": shape.experts_per_rank(src.shape),
                                          "padded_intermediate_size": ip, "presharded_files": len(files),
                                          "presharded_bytes": total, "rank_bytes": list(per_rank)})
-            except ConvertError as exc:
+            except MMConvertError as exc:
                 s.add(f"  {shape.label}", f"not possible: {exc}")
                 s.data["shapes"].append({"tp": tp, "ep": ep, "error": str(exc)})
         return s
 
 
 def _presharded_lines(s: Summary, path: Path, entry, block: ConfigBlock) -> None:
-    from convert import presharded
-    from convert.sglang_state import GPU_ARCH_NAMES
+    from mm_convert.plan import presharded
+    from mm_convert.plan.sglang_state import GPU_ARCH_NAMES
 
     folder = path / entry.dir
     files = sorted(folder.glob(f"*{presharded.FILE_SUFFIX}"))
@@ -168,7 +168,7 @@ def _inspect_converted(path: Path, config: dict) -> Summary:
     work = path / output_format.WORK_DIR
     try:
         manifest = Manifest.load(path)
-    except ConvertError as exc:
+    except MMConvertError as exc:
         s.add("manifest", f"MISSING or unreadable ({exc})")
         s.data["manifest"] = {"error": str(exc)}
     else:

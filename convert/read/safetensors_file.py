@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from convert.errors import ConvertError
+from mm_convert.errors import MMConvertError, SourceError
 
 # The reference implementation refuses headers above 100 MB; so do we, before reading them.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -73,7 +73,7 @@ def _reject_duplicate_keys(path: Path):
         seen: dict = {}
         for key, value in pairs:
             if key in seen:
-                raise ConvertError(f"{path}: header lists tensor {key!r} twice")
+                raise SourceError(f"{path}: header lists tensor {key!r} twice")
             seen[key] = value
         return seen
 
@@ -88,31 +88,31 @@ def read_header(path: Path) -> SafetensorsHeader:
         with open(path, "rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise ConvertError(f"{path}: truncated safetensors file ({file_size} bytes, no header length)")
+                raise SourceError(f"{path}: truncated safetensors file ({file_size} bytes, no header length)")
             header_len = int.from_bytes(prefix, "little")
             if header_len > MAX_HEADER_BYTES:
-                raise ConvertError(f"{path}: header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
+                raise SourceError(f"{path}: header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
             if 8 + header_len > file_size:
-                raise ConvertError(
+                raise SourceError(
                     f"{path}: header length {header_len} runs past the end of the file ({file_size} bytes)"
                 )
             raw = f.read(header_len)
     except OSError as exc:
-        raise ConvertError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        raise SourceError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     try:
         obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys(path))
-    except ConvertError:
+    except MMConvertError:
         raise
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ConvertError(f"{path}: header is not valid JSON ({type(exc).__name__})") from exc
+        raise SourceError(f"{path}: header is not valid JSON ({type(exc).__name__})") from exc
     if not isinstance(obj, dict):
-        raise ConvertError(f"{path}: header is not a JSON object")
+        raise SourceError(f"{path}: header is not a JSON object")
 
     metadata = obj.pop("__metadata__", None)
     if metadata is not None and not (
         isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
     ):
-        raise ConvertError(f"{path}: __metadata__ must map strings to strings")
+        raise SourceError(f"{path}: __metadata__ must map strings to strings")
 
     data_start = 8 + header_len
     data_size = file_size - data_start
@@ -124,13 +124,13 @@ def read_header(path: Path) -> SafetensorsHeader:
     for info in sorted(tensors, key=lambda t: (t.start, t.nbytes)):
         begin = info.start - data_start
         if begin < cursor:
-            raise ConvertError(f"{path}: tensor {info.name} overlaps tensor {previous} in the data section")
+            raise SourceError(f"{path}: tensor {info.name} overlaps tensor {previous} in the data section")
         if begin > cursor:
-            raise ConvertError(f"{path}: tensor {info.name} starts at data byte {begin}, leaving a gap after {cursor}")
+            raise SourceError(f"{path}: tensor {info.name} starts at data byte {begin}, leaving a gap after {cursor}")
         cursor = begin + info.nbytes
         previous = info.name
     if cursor != data_size:
-        raise ConvertError(f"{path}: {data_size - cursor} unexpected bytes after the last tensor")
+        raise SourceError(f"{path}: {data_size - cursor} unexpected bytes after the last tensor")
 
     return SafetensorsHeader(
         path=path,
@@ -144,34 +144,34 @@ def read_header(path: Path) -> SafetensorsHeader:
 
 def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
     if not isinstance(entry, dict):
-        raise ConvertError(f"{path}: tensor {name}: header entry is not an object")
+        raise SourceError(f"{path}: tensor {name}: header entry is not an object")
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
     if dtype not in DTYPES:
-        raise ConvertError(f"{path}: tensor {name}: unsupported dtype {dtype!r}")
+        raise SourceError(f"{path}: tensor {name}: unsupported dtype {dtype!r}")
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_RANK
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
-        raise ConvertError(f"{path}: tensor {name}: shape {shape!r} is not a list of non-negative integers")
+        raise SourceError(f"{path}: tensor {name}: shape {shape!r} is not a list of non-negative integers")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise ConvertError(f"{path}: tensor {name}: data_offsets {offsets!r} are not [begin, end] with begin <= end")
+        raise SourceError(f"{path}: tensor {name}: data_offsets {offsets!r} are not [begin, end] with begin <= end")
     begin, end = offsets
     expected = math.prod(shape) * DTYPES[dtype][1]
     if end - begin != expected:
-        raise ConvertError(
+        raise SourceError(
             f"{path}: tensor {name}: dtype {dtype} and shape {shape} need {expected} bytes "
             f"but its offsets span {end - begin}"
         )
     if end > data_size:
-        raise ConvertError(
+        raise SourceError(
             f"{path}: tensor {name} ends at data byte {end}, past the end of the file "
             f"({data_size} data bytes): the file is truncated or corrupt"
         )
@@ -237,7 +237,7 @@ def pread_into(fd: int, view: memoryview, offset: int, path: Path, name: str) ->
     while done < total:
         n = os.preadv(fd, [view[done:]], offset + done)
         if n <= 0:
-            raise ConvertError(f"{path}: tensor {name}: file ended after {done} of {total} bytes")
+            raise SourceError(f"{path}: tensor {name}: file ended after {done} of {total} bytes")
         done += n
 
 
@@ -257,7 +257,7 @@ class TensorFile:
     def read(self, name: str) -> torch.Tensor:
         info = self.tensors.get(name)
         if info is None:
-            raise ConvertError(f"{self.path}: missing tensor {name}")
+            raise SourceError(f"{self.path}: missing tensor {name}")
         out = torch.empty(info.shape, dtype=info.torch_dtype)
         pread_into(self._fd_open(), tensor_bytes(out), info.start, self.path, name)
         return out
@@ -271,7 +271,7 @@ class TensorFile:
         """Items `[start, stop)` along the first dimension: one contiguous read, no whole-tensor copy."""
         info = self.tensors.get(name)
         if info is None:
-            raise ConvertError(f"{self.path}: missing tensor {name}")
+            raise SourceError(f"{self.path}: missing tensor {name}")
         if not 0 <= start <= stop <= info.shape[0]:
             raise ValueError(f"{name}: slice [{start}, {stop}) outside {info.shape[0]}")
         row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from convert.errors import ConvertError
-from convert.model import QUANT_BLOCK, ModelShape
+from mm_convert.errors import RequestError
+from mm_convert.model import QUANT_BLOCK, ModelShape
 
 MAX_TP = 16
 
@@ -41,15 +41,15 @@ class ParallelShape:
     def validate(self, model: ModelShape) -> None:
         """Refuse a shape that cannot be served, with the reason in one line."""
         if not 1 <= self.tp <= MAX_TP:
-            raise ConvertError(f"tp={self.tp} is out of range: tp must be between 1 and {MAX_TP}")
+            raise RequestError(f"tp={self.tp} is out of range: tp must be between 1 and {MAX_TP}")
         if self.ep < 1 or self.tp % self.ep:
-            raise ConvertError(f"ep={self.ep} must divide tp={self.tp} (moe_tp = tp / ep)")
+            raise RequestError(f"ep={self.ep} must divide tp={self.tp} (moe_tp = tp / ep)")
         if model.num_experts % self.ep:
-            raise ConvertError(
+            raise RequestError(
                 f"ep={self.ep} does not divide the {model.num_experts} experts: each EP rank must hold a whole block"
             )
         if model.intermediate_size // self.moe_tp == 0:
-            raise ConvertError(
+            raise RequestError(
                 f"moe_tp={self.moe_tp} exceeds intermediate_size={model.intermediate_size}: ranks would hold no rows"
             )
 

@@ -29,9 +29,10 @@ from typing import Any, Hashable, Iterable, Sequence
 
 import xxhash
 
-from convert import output_format, sglang_state
-from convert.safetensors_file import DTYPES
-from convert.sglang_state import PreshardedTarget, RankTensor, SourceView
+from mm_convert import output_format
+from mm_convert.plan import sglang_state
+from mm_convert.read.safetensors_file import DTYPES
+from mm_convert.plan.sglang_state import PreshardedTarget, RankTensor, SourceView
 
 PLAN_VERSION = 1
 CHECKSUM_NAME = "checksum.json"

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from convert import model
-from convert.errors import ConvertError
-from convert.profiles import Down, GateUp
-from convert.quant import quantize_fp8_block
-from convert.source import SourceCheckpoint
+from mm_convert import model
+from mm_convert.errors import SourceError
+from mm_convert.transform.profiles import Down, GateUp
+from mm_convert.transform.quant import quantize_fp8_block
+from mm_convert.read.source import SourceCheckpoint
 
 GATE_UP: tuple[model.Projection, ...] = ("w1", "w3")
 DOWN: tuple[model.Projection, ...] = ("w2",)
@@ -38,7 +38,7 @@ def _names(layer: int, experts: range, proj: model.Projection, scale: bool) -> l
 
 def _fail(source: SourceCheckpoint, bad_per_expert: torch.Tensor, names: list[str], problem: str) -> None:
     i = int(bad_per_expert.nonzero()[0])
-    raise ConvertError(f"{source.info(names[i]).path}: tensor {names[i]}: {problem}")
+    raise SourceError(f"{source.info(names[i]).path}: tensor {names[i]}: {problem}")
 
 
 def check_fp8(source: SourceCheckpoint, weight: torch.Tensor, names: list[str]) -> None:

@@ -1,7 +1,7 @@
 """The conversion plan: every output file and tensor, with shapes and byte offsets, before any byte moves.
 
 `build_plan` is pure: it looks at the source's headers and the requested (profile, tp, ep) and
-returns plain data. Executing the plan (convert.execute) is a separate loop that fills the
+returns plain data. Executing the plan (mm_convert.commands.convert) is a separate loop that fills the
 planned byte ranges in order.
 """
 
@@ -10,15 +10,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from convert import output_format, presharded, sglang_state
-from convert.errors import ConvertError
-from convert.model import ModelShape
-from convert.output_format import EXPERT_DTYPES, ExpertTensorKind
-from convert.parallel import ParallelShape, RankGeometry
-from convert.profiles import Profile, RankTensorShapes
-from convert.safetensors_file import DTYPES, HeaderEntry, encode_header
-from convert.sglang_state import PreshardedTarget, RankTensor
-from convert.source import SourceCheckpoint
+from mm_convert import output_format
+from mm_convert.plan import presharded, sglang_state
+from mm_convert.errors import RequestError
+from mm_convert.model import ModelShape
+from mm_convert.output_format import EXPERT_DTYPES, ExpertTensorKind
+from mm_convert.plan.parallel import ParallelShape, RankGeometry
+from mm_convert.transform.profiles import Profile, RankTensorShapes
+from mm_convert.read.safetensors_file import DTYPES, HeaderEntry, encode_header
+from mm_convert.plan.sglang_state import PreshardedTarget, RankTensor
+from mm_convert.read.source import SourceCheckpoint
 
 
 @dataclass(frozen=True)
@@ -149,10 +150,10 @@ def build_plan(source: SourceCheckpoint, profile: Profile, parallel: ParallelSha
     shape = source.shape
     parallel.validate(shape)
     if part_size <= 0:
-        raise ConvertError(f"part size must be positive, got {part_size}")
+        raise RequestError(f"part size must be positive, got {part_size}")
     ranks = tuple(parallel.ranks(shape))
     if ranks[0].padded_intermediate_size * parallel.moe_tp < shape.intermediate_size:
-        raise ConvertError(
+        raise RequestError(
             f"moe_tp={parallel.moe_tp}: ranks of {ranks[0].padded_intermediate_size} rows cannot cover "
             f"intermediate_size={shape.intermediate_size}"
         )
@@ -261,7 +262,7 @@ def _check_every_tensor_used(source: SourceCheckpoint, states) -> None:
     for name, info in source.tensors.items():
         if name in used or source.is_expert(name) or sglang_state.not_loaded_by_sglang(name, source.config):
             continue
-        raise ConvertError(f"{info.path}: tensor {name}: SGLang's MiniMax-M2 model has no parameter for it, so a "
+        raise RequestError(f"{info.path}: tensor {name}: SGLang's MiniMax-M2 model has no parameter for it, so a "
                            "presharded folder cannot hold it (SGLang's own loader would skip it silently); refused")
 
 
@@ -275,10 +276,10 @@ def parse_ranks(text: str | None, tp: int) -> tuple[int, ...]:
             lo, _, hi = part.strip().partition("-")
             ranks.update(range(int(lo), int(hi or lo) + 1))
     except ValueError:
-        raise ConvertError(f"--ranks {text!r}: give rank numbers separated by commas, e.g. 0,1 or 0-3") from None
+        raise RequestError(f"--ranks {text!r}: give rank numbers separated by commas, e.g. 0,1 or 0-3") from None
     bad = sorted(r for r in ranks if not 0 <= r < tp)
     if bad or not ranks:
-        raise ConvertError(f"--ranks {text!r}: ranks must lie in 0..{tp - 1} for tp={tp}")
+        raise RequestError(f"--ranks {text!r}: ranks must lie in 0..{tp - 1} for tp={tp}")
     return tuple(sorted(ranks))
 
 

@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 import xxhash
 
-from convert import model
-from convert.safetensors_file import tensor_bytes
+from mm_convert import model
+from mm_convert.read.safetensors_file import tensor_bytes
 
 ALGORITHM = "xxh3_128"
 

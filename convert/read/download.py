@@ -1,31 +1,23 @@
-"""The Hugging Face Hub: download a pinned source, publish a converted checkpoint.
+"""Download a pinned source from the Hub: into the Hugging Face cache (read in place by convert) or
+a plain folder, disk-checked, sha256-verified against the Hub's LFS oids, resumable, offline from the cache.
 
-Only public `huggingface_hub` calls present in 1.x and 2.x are used: `HfApi.model_info`,
-`list_repo_tree`, `snapshot_download`, `create_repo`, `create_branch`, `preupload_lfs_files`,
-`create_commit` (which validates README.md's metadata with the endpoint itself). Without Xet on the
-server set `HF_HUB_DISABLE_XET=1` (read at import time). The client neither checks a download's
-sha256 (only its size) nor puts a timeout on transfers, so `download` hashes every LFS file against
-the Hub's oid, and both directions run with a 60 s inactivity timeout: a stalled transfer fails
-instead of hanging, and a rerun resumes. The token comes from the usual places (`HF_TOKEN`, the saved login) and is never printed,
-logged or written: every message that leaves this module is passed through `redact`.
+Only public `huggingface_hub` calls present in 1.x and 2.x are used (`HfApi.model_info`,
+`list_repo_tree`, `snapshot_download`). The client neither checks a download's sha256 (only its size)
+nor puts a timeout on transfers, so every LFS file is hashed against the Hub's oid, and transfers run
+with a 60 s inactivity timeout: a stalled transfer fails instead of hanging, and a rerun resumes.
 """
-
 from __future__ import annotations
-
-import fnmatch
 import json
-import re
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
-
-from convert import model, output_format, presharded
-from convert.errors import ConvertError
-from convert.fsutil import atomic_write_bytes, confined, read_json_object, sha256_file
-from convert.hf_cache import (
+from typing import Any
+from mm_convert import output_format
+from mm_convert.plan import presharded
+from mm_convert.errors import HubError, MMConvertError
+from mm_convert.fsutil import atomic_write_bytes, confined, read_json_object, sha256_file
+from mm_convert.read.hf_cache import (
     Snapshot,
     VerifiedBlobs,
     blob_of,
@@ -35,116 +27,19 @@ from convert.hf_cache import (
     snapshot_of,
     storage_folder,
 )
-from convert.manifest import Manifest
-from convert.progress import byte_bar
-from convert.source import INDEX_NAME, PICKLE_SUFFIXES
-
-DOWNLOAD_RECORD = ".mm-convert-download.json"
-DISK_MARGIN = 1.02  # 2% slack on top of the bytes still to fetch
-DEFAULT_BATCH_BYTES = 50 * 10**9  # per commit: several commits for a 230 GB checkpoint
-REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
-_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
-# Files published last, in the final commit: a repo without them never looks complete.
-FINAL_FILES = (output_format.MODEL_CARD_NAME, output_format.CONFIG_NAME, output_format.MANIFEST_NAME)
-
-
-def redact(text: str) -> str:
-    """Remove anything that looks like a Hub token, and the current token itself."""
-    text = _TOKEN_RE.sub("hf_***", str(text))
-    token = _current_token()
-    return text.replace(token, "***") if token else text
-
-
-def _current_token() -> str | None:
-    try:
-        from huggingface_hub import get_token
-
-        return get_token()
-    except Exception:  # noqa: BLE001 - no token is a normal state
-        return None
-
-
-def looks_like_repo_id(text: str) -> bool:
-    return bool(REPO_ID_RE.match(text)) and not Path(text).exists()
-
-
-def check_revision(revision: str | None) -> None:
-    """A branch, tag or commit name as the Hub accepts them; anything else (`../x`, spaces, control
-    characters) is refused here instead of being put into a URL."""
-    if revision is None:
-        return
-    if not REVISION_RE.match(revision) or ".." in revision or "//" in revision or revision.endswith(("/", ".lock")):
-        raise ConvertError(f"--revision {revision!r}: not a branch, tag or commit name")
-
-
-def check_repo_id(repo_id: str) -> None:
-    if not REPO_ID_RE.match(repo_id) or ".." in repo_id:
-        raise ConvertError(f"{repo_id!r} is not a Hub repo id (namespace/name)")
-
-
-def _api():
-    from huggingface_hub import HfApi
-
-    return HfApi()
-
-
-@contextmanager
-def _bounded_timeouts(seconds: float = 60.0):
-    """huggingface_hub's HTTP client has no timeout; give it one for the duration of a call."""
-    from huggingface_hub import set_client_factory
-    from huggingface_hub.utils._http import default_client_factory
-
-    def factory():
-        client = default_client_factory()
-        client.timeout = type(client.timeout)(seconds, connect=min(10.0, seconds))  # httpx (1.x) or httpx2 (2.x)
-        return client
-
-    set_client_factory(factory)
-    try:
-        yield
-    finally:
-        set_client_factory(default_client_factory)
-
-
-def _hub_error(action: str, exc: Exception) -> ConvertError:
-    """One line: what failed, the HTTP status, and the server's own message when it sent one."""
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    server = getattr(exc, "server_message", None)
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    detail = f"{server} ({first})" if server else first
-    return ConvertError(redact(f"{action}: {'HTTP ' + str(status) + ': ' if status else ''}{detail}"))
-
-
-# -- download -----------------------------------------------------------------------------------
-
-
-def _is_presharded_file(path: str) -> bool:
-    parts = path.split("/")
-    return (len(parts) == 3 and parts[0].startswith(output_format.PRESHARDED_ROOT_PREFIX)
-            and (parts[2].endswith(presharded.FILE_SUFFIX) or parts[2] in (presharded.CHECKSUM_NAME, presharded.READY_NAME)))
-
-
-def _is_final(path: str) -> bool:
-    """Published in the last commit: a repo without them never looks complete (or loads: READY)."""
-    name = path.rsplit("/", 1)[-1]
-    return path in FINAL_FILES or (_is_presharded_file(path) and name in (presharded.READY_NAME, presharded.CHECKSUM_NAME))
-
-
-def wanted(path: str) -> bool:
-    """Files a conversion needs: weights, index, config, tokenizer, templates, remote code, licence, card."""
-    name = Path(path).name
-    if path.startswith(output_format.EXPERTS_DIR + "/") and name.endswith(".safetensors"):
-        return True  # a converted checkpoint's per-rank experts
-    if _is_presharded_file(path):
-        return True  # a converted checkpoint's presharded folders
-    if "/" in path:
-        return False  # docs/, figures/ and other folders are not part of a checkpoint
-    if name.endswith(".safetensors") or name in (INDEX_NAME, "config.json", "README.md", output_format.MANIFEST_NAME,
-                                                 output_format.CHART_NAME):
-        return True
-    return any(fnmatch.fnmatch(name, p) for p in model.AUXILIARY_FILE_PATTERNS)
-
+from mm_convert.progress import byte_bar
+from mm_convert.read.source import INDEX_NAME, PICKLE_SUFFIXES
+from mm_convert.hub_client import (
+    DISK_MARGIN,
+    DOWNLOAD_RECORD,
+    hub_api,
+    bounded_timeouts,
+    hub_bars,
+    hub_error,
+    check_repo_id,
+    check_revision,
+    wanted,
+)
 
 @dataclass(frozen=True)
 class RemoteFile:
@@ -185,7 +80,7 @@ class DownloadRecord:
             for rel in files:
                 confined(folder, rel, f"{folder / DOWNLOAD_RECORD}: files entry")
             return cls(str(d["repo_id"]), str(d["revision"]), d.get("requested_revision"), dict(files))
-        except ConvertError:
+        except MMConvertError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
@@ -224,12 +119,12 @@ def remote_files(repo_id: str, revision: str | None) -> tuple[str, list[RemoteFi
     """Resolve `revision` to a commit sha and list the repo's files at that commit, with sizes and LFS sha256."""
     check_repo_id(repo_id)
     check_revision(revision)
-    api = _api()
+    api = hub_api()
     try:
         info = api.model_info(repo_id, revision=revision)
         sha = info.sha
         if not sha:
-            raise ConvertError(f"{repo_id}@{revision}: the Hub returned no commit sha")
+            raise HubError(f"{repo_id}@{revision}: the Hub returned no commit sha")
         entries = api.list_repo_tree(repo_id, revision=sha, recursive=True)
         files = [
             RemoteFile(e.path, int(e.size), e.lfs.sha256 if getattr(e, "lfs", None) else None, e.blob_id)
@@ -237,10 +132,10 @@ def remote_files(repo_id: str, revision: str | None) -> tuple[str, list[RemoteFi
         ]
         for f in files:  # a listing is input like any other: no path may leave the download folder
             confined(Path("."), f.path, f"{repo_id}@{sha[:12]}: the Hub's file listing")
-    except ConvertError:
+    except MMConvertError:
         raise
     except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many types; report one line
-        raise _hub_error(f"{repo_id}@{revision or 'main'}: cannot read the repository", exc) from exc
+        raise hub_error(f"{repo_id}@{revision or 'main'}: cannot read the repository", exc) from exc
     return sha, files
 
 
@@ -253,7 +148,7 @@ def _file_ok(folder: Path, rec: dict[str, Any] | None, remote: RemoteFile) -> bo
         rec.get("sha256") == remote.sha256
 
 
-@_bounded_timeouts()
+@bounded_timeouts()
 def download(repo_id: str, folder: str | Path | None = None, revision: str | None = None, quiet: bool = False,
              max_workers: int = 8) -> DownloadResult:
     """Fetch what a conversion needs from a pinned revision and verify every file's hash.
@@ -269,13 +164,13 @@ def download(repo_id: str, folder: str | Path | None = None, revision: str | Non
     started = time.monotonic()
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise ConvertError(f"{folder}: exists and is not a folder")
+        raise HubError(f"{folder}: exists and is not a folder")
     sha, files = remote_files(repo_id, revision)
     needed = _needed(repo_id, sha, files)
     folder.mkdir(parents=True, exist_ok=True)
     record = DownloadRecord.load(folder)
     if record is not None and (record.repo_id, record.revision) != (repo_id, sha):
-        raise ConvertError(
+        raise HubError(
             f"{folder}: holds {record.repo_id}@{record.revision[:12]}, not {repo_id}@{sha[:12]}; use another folder"
         )
     record = record or DownloadRecord(repo_id, sha, revision)
@@ -285,12 +180,12 @@ def download(repo_id: str, folder: str | Path | None = None, revision: str | Non
 
     if todo:
         _fetch(repo_id, sha, [f.path for f in todo], quiet, max_workers, local_dir=folder)
-        bad: list[ConvertError] = []
+        bad: list[HubError] = []
         with byte_bar(sum(f.size for f in todo), "verify sha256", quiet) as bar:
             for f in todo:
                 try:
                     _verify(folder, f, record, bar.update)
-                except ConvertError as exc:
+                except MMConvertError as exc:
                     bad.append(exc)  # keep verifying the others: a rerun then fetches only the bad ones
                 record.save(folder)  # after each file: an interrupted verification keeps what it proved
         _raise_first(bad)
@@ -304,7 +199,7 @@ def _needed(repo_id: str, sha: str, files: list[RemoteFile]) -> list[RemoteFile]
     pickles = [f.path for f in files if f.path.endswith(PICKLE_SUFFIXES)]
     if not any(f.path.endswith((".safetensors", presharded.FILE_SUFFIX)) for f in needed):
         hint = f" (it has pickle files such as {pickles[0]}, which are never loaded)" if pickles else ""
-        raise ConvertError(f"{repo_id}@{sha}: no safetensors weights{hint}")
+        raise HubError(f"{repo_id}@{sha}: no safetensors weights{hint}")
     return needed
 
 
@@ -314,15 +209,15 @@ def _check_free_space(folder: Path, repo_id: str, missing_bytes: int) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if missing_bytes * DISK_MARGIN > free:
-        raise ConvertError(
+        raise HubError(
             f"{folder}: {repo_id} needs {missing_bytes / 1e9:.1f} GB more but only {free / 1e9:.1f} GB is free"
         )
 
 
-def _raise_first(bad: list[ConvertError]) -> None:
+def _raise_first(bad: list[HubError]) -> None:
     if bad:
         more = f" ({len(bad) - 1} more files also failed)" if len(bad) > 1 else ""
-        raise ConvertError(f"{bad[0]}{more}")
+        raise HubError(f"{bad[0]}{more}")
 
 
 def _download_to_cache(repo_id: str, revision: str | None, quiet: bool, max_workers: int) -> DownloadResult:
@@ -352,7 +247,7 @@ def _download_to_cache(repo_id: str, revision: str | None, quiet: bool, max_work
         _record_ref(snapshot, revision or "main")
         for rel in todo:
             if not _blob_is(snapshot, by_path[rel]):
-                raise ConvertError(f"{snapshot.folder / rel}: not the file the Hub lists (expected blob "
+                raise HubError(f"{snapshot.folder / rel}: not the file the Hub lists (expected blob "
                                    f"{_blob_name(by_path[rel])[:16]}...); rerun to fetch it again")
     _verify_blobs(snapshot, todo, quiet)
     record = DownloadRecord.for_snapshot(snapshot, revision)
@@ -368,7 +263,7 @@ def cached_snapshot_folder(repo_id: str, revision: str | None) -> Path | None:
     try:
         snapshot = _cached_snapshot(repo_id, revision)
         _check_cached_complete(snapshot, revision)
-    except ConvertError:
+    except MMConvertError:
         return None
     return snapshot.folder
 
@@ -428,12 +323,12 @@ def _cached_snapshot(repo_id: str, revision: str | None) -> Snapshot:
         folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True,
                                         allow_patterns=[output_format.CONFIG_NAME]))
     except Exception as exc:  # noqa: BLE001 - LocalEntryNotFoundError and its kin: say it in one line
-        raise ConvertError(
+        raise HubError(
             f"{repo_id}@{revision or 'main'}: not in the Hugging Face cache ({hub_cache()}) and HF_HUB_OFFLINE=1 "
             f"forbids fetching it; run `mm-convert download {repo_id}` once online ({type(exc).__name__})") from None
     snapshot = snapshot_of(folder)
     if snapshot is None:
-        raise ConvertError(f"{folder}: huggingface_hub returned a folder that is not a cache snapshot")
+        raise HubError(f"{folder}: huggingface_hub returned a folder that is not a cache snapshot")
     return snapshot
 
 
@@ -450,7 +345,7 @@ def _check_cached_complete(snapshot: Snapshot, revision: str | None) -> None:
     missing = [rel for rel in needed if not (snapshot.folder / rel).is_file()]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ConvertError(f"{where}: {missing[0]}{more} not cached, and HF_HUB_OFFLINE=1 forbids fetching; "
+        raise HubError(f"{where}: {missing[0]}{more} not cached, and HF_HUB_OFFLINE=1 forbids fetching; "
                            "run the same command online once")
 
 
@@ -459,11 +354,11 @@ def _verify_blobs(snapshot: Snapshot, rels: list[str], quiet: bool) -> None:
     rest); a blob that does not match is removed, with its link, so a rerun fetches it again."""
     verified = VerifiedBlobs.load(snapshot.storage)
     blobs = [(rel, blob_of(snapshot, rel)) for rel in rels]
-    bad: list[ConvertError] = []
+    bad: list[HubError] = []
     with byte_bar(sum(b.stat().st_size for _, b in blobs if b), "verify sha256", quiet) as bar:
         for rel, blob in blobs:
             if blob is None:
-                bad.append(ConvertError(f"{snapshot.folder / rel}: not a link into {snapshot.blobs}; "
+                bad.append(HubError(f"{snapshot.folder / rel}: not a link into {snapshot.blobs}; "
                                         "the cache entry is not huggingface_hub's"))
             elif verified.proven(blob):
                 bar.update(blob.stat().st_size)
@@ -473,7 +368,7 @@ def _verify_blobs(snapshot: Snapshot, rels: list[str], quiet: bool) -> None:
             else:
                 blob.unlink(missing_ok=True)
                 (snapshot.folder / rel).unlink(missing_ok=True)
-                bad.append(ConvertError(f"{snapshot.folder / rel}: its bytes do not hash to {blob.name[:16]}... "
+                bad.append(HubError(f"{snapshot.folder / rel}: its bytes do not hash to {blob.name[:16]}... "
                                         "(the Hub's hash); removed from the cache, rerun to fetch it again"))
     _raise_first(bad)
 
@@ -484,10 +379,10 @@ def _check_shards_listed(folder: Path, repo_id: str, sha: str, listed: set[str])
         return
     weight_map = read_json_object(folder / INDEX_NAME).get("weight_map")
     if not isinstance(weight_map, dict):
-        raise ConvertError(f"{folder / INDEX_NAME}: no weight_map")
+        raise HubError(f"{folder / INDEX_NAME}: no weight_map")
     missing = sorted({str(v) for v in weight_map.values()} - listed)
     if missing:
-        raise ConvertError(f"{repo_id}@{sha[:12]}: its {INDEX_NAME} names {missing[0]}, which the repo does not have"
+        raise HubError(f"{repo_id}@{sha[:12]}: its {INDEX_NAME} names {missing[0]}, which the repo does not have"
                            + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""))
 
 
@@ -496,38 +391,14 @@ def _partial_size(folder: Path, f: RemoteFile) -> int:
     return min(path.stat().st_size, f.size) if path.is_file() else 0
 
 
-@contextmanager
-def _hub_bars(quiet: bool):
-    """huggingface_hub's own progress bars and retry chatter follow --quiet too."""
-    from huggingface_hub.utils import (
-        are_progress_bars_disabled,
-        disable_progress_bars,
-        enable_progress_bars,
-    )
-    from huggingface_hub.utils import logging as hub_logging
-
-    was_disabled = are_progress_bars_disabled()
-    verbosity = hub_logging.get_verbosity()
-    if quiet:
-        disable_progress_bars()
-        hub_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        if quiet:
-            hub_logging.set_verbosity(verbosity)
-            if not was_disabled:
-                enable_progress_bars()
-
-
 def _fetch(repo_id: str, sha: str, paths: list[str], quiet: bool, max_workers: int, local_dir: Path | None = None) -> None:
     from huggingface_hub import snapshot_download
 
     try:
-        with _hub_bars(quiet):
+        with hub_bars(quiet):
             snapshot_download(repo_id, revision=sha, local_dir=local_dir, allow_patterns=paths, max_workers=max_workers)
     except Exception as exc:  # noqa: BLE001
-        raise _hub_error(f"{repo_id}@{sha[:12]}: download failed (a rerun resumes)", exc) from exc
+        raise hub_error(f"{repo_id}@{sha[:12]}: download failed (a rerun resumes)", exc) from exc
 
 
 def _verify(folder: Path, f: RemoteFile, record: DownloadRecord, on_bytes) -> None:
@@ -535,11 +406,11 @@ def _verify(folder: Path, f: RemoteFile, record: DownloadRecord, on_bytes) -> No
     size = path.stat().st_size
     if size != f.size:
         _discard(folder, f.path)
-        raise ConvertError(f"{path}: {size} bytes, the Hub says {f.size}; removed, rerun to fetch it again")
+        raise HubError(f"{path}: {size} bytes, the Hub says {f.size}; removed, rerun to fetch it again")
     digest = sha256_file(path, on_bytes) if f.sha256 else None
     if f.sha256 and digest != f.sha256:
         _discard(folder, f.path)
-        raise ConvertError(f"{path}: sha256 {digest[:16]}... does not match the Hub's {f.sha256[:16]}...; "
+        raise HubError(f"{path}: sha256 {digest[:16]}... does not match the Hub's {f.sha256[:16]}...; "
                            "removed, rerun to fetch it again")
     st = path.stat()
     record.files[f.path] = {"size": size, "sha256": digest, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
@@ -552,128 +423,3 @@ def _discard(folder: Path, rel: str) -> None:
         meta.unlink(missing_ok=True)
 
 
-# -- publish ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PublishResult:
-    repo_id: str
-    revision: str
-    commits: list[str]
-    uploaded: list[str]
-    unchanged: list[str]
-    uploaded_bytes: int
-    seconds: float
-
-
-def _git_blob_sha1(path: Path) -> str:
-    import hashlib
-
-    data = path.read_bytes()
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def _inside(out: Path, rel: str) -> Path:
-    path = confined(out, rel, f"{out / output_format.MANIFEST_NAME}: files entry")
-    if path.is_symlink():
-        raise ConvertError(f"{path}: a symbolic link; only files inside OUT are published")
-    return path
-
-
-def _batches(paths: list[tuple[str, int]], limit: int) -> Iterator[list[tuple[str, int]]]:
-    batch: list[tuple[str, int]] = []
-    size = 0
-    for rel, n in paths:
-        if batch and size + n > limit:
-            yield batch
-            batch, size = [], 0
-        batch.append((rel, n))
-        size += n
-    if batch:
-        yield batch
-
-
-@_bounded_timeouts()
-def publish(out: str | Path, repo_id: str, private: bool = True, revision: str = "main",
-            batch_bytes: int = DEFAULT_BATCH_BYTES, quiet: bool = False, allow_failed_validation: bool = False
-            ) -> PublishResult:
-    """Upload a finished conversion in bounded commits, the card/config/manifest last; idempotent.
-
-    The folder is only read: the card was written by `convert` (and refreshed by `validate --record`),
-    so what is published is byte for byte what is on disk, and every file's sha256 is checked against
-    the manifest on the way."""
-    from huggingface_hub import CommitOperationAdd
-
-    started = time.monotonic()
-    out = Path(out)
-    check_repo_id(repo_id)
-    check_revision(revision)
-    manifest = Manifest.load(out)
-    failed = [k for k, v in manifest.validation.items() if not v.get("passed")]
-    if failed and not allow_failed_validation:
-        raise ConvertError(f"{out}: validation failed for {', '.join(failed)}; fix it or pass --allow-failed-validation")
-    if not (out / output_format.MODEL_CARD_NAME).is_file():
-        raise ConvertError(f"{out / output_format.MODEL_CARD_NAME}: missing; the folder is not a finished conversion")
-    api = _api()
-
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        remote = {e.path: e for e in api.list_repo_tree(repo_id, revision=revision, recursive=True)
-                  if hasattr(e, "size")}
-    except Exception as exc:  # noqa: BLE001
-        raise _hub_error(f"publish to {repo_id}", exc) from exc
-
-    records = {f.path: f for f in manifest.files}
-    todo: list[tuple[str, int]] = []
-    unchanged: list[str] = []
-    for rel in sorted(records) + [output_format.MANIFEST_NAME]:
-        path = _inside(out, rel)
-        size = path.stat().st_size
-        r = remote.get(rel)
-        same = False
-        if r is not None and r.size == size:
-            lfs = getattr(r, "lfs", None)
-            if lfs is not None and rel in records:
-                same = lfs.sha256 == records[rel].sha256
-            else:
-                same = r.blob_id == _git_blob_sha1(path)
-        if same:
-            unchanged.append(rel)
-        else:
-            todo.append((rel, size))
-    bulk = [t for t in todo if not _is_final(t[0])]
-    final = [t for t in todo if _is_final(t[0])]
-
-    commits: list[str] = []
-    uploaded_bytes = 0
-    groups = list(_batches(bulk, batch_bytes)) + ([final] if final else [])
-    with byte_bar(sum(n for _, n in todo), f"publish {repo_id}", quiet) as bar:
-        for i, group in enumerate(groups, 1):
-            ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(_inside(out, rel))) for rel, _ in group]
-            is_final = group is final
-            message = ("mm-convert: model card, config, manifest and presharded READY (publish complete)" if is_final else
-                       f"mm-convert: upload part {i} of {len(groups) - (1 if final else 0)} ({len(group)} files)")
-            try:
-                # One file at a time, so the one bar moves per file; huggingface_hub's own per-file
-                # bars stay off (hundreds of them at real scale).
-                with _hub_bars(quiet=True):
-                    for op, (_, n) in zip(ops, group):
-                        api.preupload_lfs_files(repo_id, additions=[op], revision=revision)
-                        rec = records.get(op.path_in_repo)
-                        if rec is not None and op.upload_info.sha256.hex() != rec.sha256:
-                            raise ConvertError(f"{out / op.path_in_repo}: changed since conversion (sha256 differs "
-                                               f"from {output_format.MANIFEST_NAME}); validate or reconvert before "
-                                               "publishing")
-                        bar.update(n)
-                    info = api.create_commit(repo_id, operations=ops, commit_message=message, revision=revision)
-            except ConvertError:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                raise _hub_error(f"publish to {repo_id}: commit {i} of {len(groups)} failed (files so far are kept "
-                                 "on the Hub; a rerun uploads only what is missing)", exc) from exc
-            commits.append(info.oid)
-            uploaded_bytes += sum(n for _, n in group)
-    return PublishResult(repo_id, revision, commits, [rel for rel, _ in todo], unchanged, uploaded_bytes,
-                         time.monotonic() - started)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from convert.fsutil import HASH_CHUNK, atomic_write_bytes, read_json_object
+from mm_convert.fsutil import HASH_CHUNK, atomic_write_bytes, read_json_object
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")

@@ -24,8 +24,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from convert.errors import ConvertError
-from convert.fsutil import (
+from mm_convert.errors import MMConvertError, OutputError
+from mm_convert.fsutil import (
     PARTIAL_SUFFIX,
     FileRecord,
     atomic_write_bytes,
@@ -35,7 +35,7 @@ from convert.fsutil import (
     sha256_file,
     write_error,
 )
-from convert.output_format import WORK_DIR
+from mm_convert.output_format import WORK_DIR
 
 
 class StagedFile:
@@ -91,7 +91,7 @@ class StagedFile:
         """Flush, fsync, rename and journal (with `keys`, the content keys of its planned tensors)."""
         if self.expected_size is not None and self._written != self.expected_size:
             self.abort()
-            raise ConvertError(f"{self.partial}: wrote {self._written} bytes, planned {self.expected_size}")
+            raise OutputError(f"{self.partial}: wrote {self._written} bytes, planned {self.expected_size}")
         try:
             if header is not None:
                 self._f.flush()
@@ -144,7 +144,7 @@ class WorkDir:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise ConvertError(f"{self.out}: another conversion is writing into this folder (lock held)") from None
+            raise OutputError(f"{self.out}: another conversion is writing into this folder (lock held)") from None
         self._lock_fd = fd
 
     def release(self) -> None:
@@ -160,11 +160,11 @@ class WorkDir:
         if self.fingerprint_path.exists():
             try:
                 previous = json.loads(read_small_file(self.fingerprint_path))
-            except (ConvertError, ValueError):
+            except (MMConvertError, ValueError):
                 previous = None
             if previous != fingerprint:
                 if not overwrite:
-                    raise ConvertError(
+                    raise OutputError(
                         f"{self.out}: an unfinished conversion with a different "
                         f"{describe_difference(previous, fingerprint)} is here; rerun it as it was, or pass --overwrite"
                     )

@@ -29,17 +29,15 @@ from typing import Protocol
 
 import torch
 
-from convert import model, output_format
-from convert.parallel import RankGeometry
-from convert.profiles import Down, GateUp, Profile, sglang_down_scale, sglang_gate_up_scale, sglang_gate_up_segments
-from convert.digests import DigestCollector
-from convert.rank_tensors import RequantCache, produce
-from convert.read_experts import DOWN, GATE_UP, Raw, read_raw, ready
-from convert.sglang_state import ExpertTensor, RankTensor
-from convert.source import SourceCheckpoint
+from mm_convert import model, output_format
+from mm_convert.plan.parallel import RankGeometry
+from mm_convert.transform.profiles import Down, GateUp, Profile, sglang_down_scale, sglang_gate_up_scale, sglang_gate_up_segments
+from mm_convert.read.digests import DigestCollector
+from mm_convert.transform.rank_tensors import RequantCache, produce
+from mm_convert.read.read_experts import DOWN, GATE_UP, Raw, read_raw, ready
+from mm_convert.plan.sglang_state import ExpertTensor, RankTensor
+from mm_convert.read.source import SourceCheckpoint
 
-# Source bytes gathered per chunk of experts (FP8 as stored; BF16 counts its quantisation temporaries).
-DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
 
 
 class Sink(Protocol):

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from convert import model
-from convert.errors import ConvertError
-from convert.quant import quantize_fp8_block
-from convert.safetensors_file import DTYPES, HeaderEntry, encode_header, tensor_bytes
-from convert.source import INDEX_NAME
+from mm_convert import model
+from mm_convert.output_format import SYNTHETIC_KEY
+from mm_convert.errors import RequestError
+from mm_convert.transform.quant import quantize_fp8_block
+from mm_convert.read.safetensors_file import DTYPES, HeaderEntry, encode_header, tensor_bytes
+from mm_convert.read.source import INDEX_NAME
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,6 @@ REAL_LAYER = SyntheticSpec(
 )
 
 WEIGHT_STD = 0.02
-SYNTHETIC_KEY = "mm_convert_synthetic"  # in config.json: model cards must not call these weights MiniMax-M2.5
 
 
 def config_for(spec: SyntheticSpec, dtype: str, seed: int = 0) -> dict:
@@ -210,12 +210,12 @@ def make_synthetic(out: str | Path, spec: SyntheticSpec = TINY, dtype: str = "fp
                    device: str = "cpu") -> Path:
     """Write a synthetic MiniMax-M2 checkpoint folder (config, sharded safetensors, index, aux files)."""
     if dtype not in ("fp8", "bf16"):
-        raise ConvertError(f"--dtype must be fp8 or bf16, got {dtype!r}")
+        raise RequestError(f"--dtype must be fp8 or bf16, got {dtype!r}")
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ConvertError(f"{out}: exists and is not a folder; make-tiny writes into an empty or new folder")
+        raise RequestError(f"{out}: exists and is not a folder; make-tiny writes into an empty or new folder")
     if out.exists() and any(out.iterdir()):
-        raise ConvertError(f"{out}: not empty; make-tiny writes into an empty or new folder")
+        raise RequestError(f"{out}: not empty; make-tiny writes into an empty or new folder")
     # Built in a sibling folder and renamed at the end: a crash never leaves a half-made source.
     building = out.with_name(out.name + ".partial")
     shutil.rmtree(building, ignore_errors=True)

@@ -12,10 +12,11 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from convert import output_format, presharded, sglang_state
-from convert.errors import ConvertError
-from convert.plan import ConversionPlan, PreshardedPlan, lay_out_presharded
-from convert.units import human_bytes
+from mm_convert import output_format
+from mm_convert.plan import presharded, sglang_state
+from mm_convert.errors import OutputError
+from mm_convert.plan.build import ConversionPlan, PreshardedPlan, lay_out_presharded
+from mm_convert.units import human_bytes
 
 DISK_MARGIN = 1.02  # 2% slack: the filesystem's own blocks and the small files written at the end
 
@@ -116,7 +117,7 @@ def estimate(plan: ConversionPlan | PreshardedPlan, out: Path, overwrite: bool =
 def check_disk(est: Estimate, out: Path) -> None:
     """Refuse now, before the output folder is touched, when the disk cannot hold the output."""
     if not est.fits:
-        raise ConvertError(
+        raise OutputError(
             f"{out}: the output needs {human_bytes(est.needed_bytes)} more but only {human_bytes(est.free_bytes)} is "
             f"free there; nothing was written (see `mm-convert convert ... --dry-run`)")
 

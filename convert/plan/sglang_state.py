@@ -27,14 +27,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Protocol
 
-from convert import model
-from convert.errors import ConvertError
-from convert.model import QUANT_BLOCK, ModelShape
-from convert.output_format import EXPERT_DTYPES, EXPERT_TENSOR_KINDS, ExpertTensorKind, expert_tensor_name
-from convert.parallel import ParallelShape, RankGeometry
-from convert.profiles import get_profile
-from convert.quant import packed_ue8m0_scale_shape
-from convert.safetensors_file import DTYPES
+from mm_convert import model
+from mm_convert.errors import RequestError
+from mm_convert.model import QUANT_BLOCK, ModelShape
+from mm_convert.output_format import EXPERT_DTYPES, EXPERT_TENSOR_KINDS, ExpertTensorKind, expert_tensor_name
+from mm_convert.plan.parallel import ParallelShape, RankGeometry
+from mm_convert.transform.profiles import get_profile
+from mm_convert.transform.quant import packed_ue8m0_scale_shape
+from mm_convert.read.safetensors_file import DTYPES
 
 SGLANG_VERSION = "0.5.23"
 MOE_RUNNER_BACKEND = "flashinfer_trtllm_routed"
@@ -143,7 +143,7 @@ class PreshardedTarget:
 
     def check(self) -> None:
         if self.gpu_arch not in GPU_ARCHS:
-            raise ConvertError(f"--gpu-arch {self.gpu_arch!r}: choose one of {', '.join(GPU_ARCHS)}")
+            raise RequestError(f"--gpu-arch {self.gpu_arch!r}: choose one of {', '.join(GPU_ARCHS)}")
 
 
 class SourceView(Protocol):
@@ -171,10 +171,10 @@ class HeadSplit:
         # QKVParallelLinear and MiniMaxM2RMSNormTP: split when there are at least tp heads, else replicate.
         if total >= tp:
             if total % tp:
-                raise ConvertError(f"{what}={total} is not divisible by tp={tp}: SGLang cannot shard it")
+                raise RequestError(f"{what}={total} is not divisible by tp={tp}: SGLang cannot shard it")
             return cls(total, total // tp, rank)
         if tp % total:
-            raise ConvertError(f"tp={tp} is not a multiple of {what}={total}: SGLang cannot replicate them")
+            raise RequestError(f"tp={tp} is not a multiple of {what}={total}: SGLang cannot replicate them")
         return cls(total, 1, rank // (tp // total))
 
 
@@ -192,7 +192,7 @@ def vocab_rows(vocab: int, tp: int, rank: int) -> tuple[int, int, int]:
 def model_dtype(config: Mapping[str, Any]) -> str:
     name = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
     if name not in MODEL_DTYPES:
-        raise ConvertError(
+        raise RequestError(
             f"config.json: torch_dtype {name!r}: presharded output is written for {', '.join(MODEL_DTYPES)} models only"
         )
     return MODEL_DTYPES[name]
@@ -207,7 +207,7 @@ def _whole(name: str, rows: int) -> Assemble:
 
 def _blocks(n: int, what: str) -> int:
     if n % QUANT_BLOCK:
-        raise ConvertError(f"{what}: {n} rows per rank is not a multiple of {QUANT_BLOCK}: its block scales cannot be split")
+        raise RequestError(f"{what}: {n} rows per rank is not a multiple of {QUANT_BLOCK}: its block scales cannot be split")
     return n // QUANT_BLOCK
 
 
@@ -228,7 +228,7 @@ def _attention(source: SourceView, layer: int, tp: int, rank: int, dtype: str, g
     hd = m.head_dim
     if m.num_attention_heads % tp:
         # MiniMaxM2Attention asserts total_num_heads % attn_tp_size == 0 (query heads are never replicated).
-        raise ConvertError(f"num_attention_heads={m.num_attention_heads} is not divisible by tp={tp}: SGLang cannot shard it")
+        raise RequestError(f"num_attention_heads={m.num_attention_heads} is not divisible by tp={tp}: SGLang cannot shard it")
     q = HeadSplit.of(m.num_attention_heads, tp, rank, "num_attention_heads")
     kv = HeadSplit.of(m.num_key_value_heads, tp, rank, "num_key_value_heads")
     qn, kn = q.per_rank * hd, kv.per_rank * hd
@@ -284,10 +284,10 @@ def rank_state(source: SourceView, target: PreshardedTarget, rank: int) -> tuple
     dtype = model_dtype(source.config)
     if m.num_experts < tp:
         # MiniMaxM2MoE.__init__ refuses it.
-        raise ConvertError(f"tp={tp} exceeds the {m.num_experts} experts: SGLang's MiniMaxM2MoE refuses that launch")
+        raise RequestError(f"tp={tp} exceeds the {m.num_experts} experts: SGLang's MiniMaxM2MoE refuses that launch")
     if m.intermediate_size % target.parallel.moe_tp:
         # FusedMoE.__init__ asserts intermediate_size % moe_tp_size == 0.
-        raise ConvertError(f"intermediate_size={m.intermediate_size} is not divisible by moe_tp={target.parallel.moe_tp}: "
+        raise RequestError(f"intermediate_size={m.intermediate_size} is not divisible by moe_tp={target.parallel.moe_tp}: "
                            "SGLang refuses that launch")
     tensors = [_vocab("model.embed_tokens.weight", m.vocab_size, m.hidden_size, tp, rank, dtype)]
     for layer in range(m.num_layers):
