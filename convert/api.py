@@ -99,7 +99,8 @@ def validate(out: PathLike, *, source: PathLike | None = None, kernel: str = Val
              layers: Sequence[int] | None = ValidateSpec.layers, tokens: int = ValidateSpec.tokens,
              seed: int = ValidateSpec.seed, device: str | None = ValidateSpec.device,
              checks: Sequence[str] | None = None, allow_skip: bool = ValidateSpec.allow_skip,
-             record: bool = False, raise_on_failure: bool = False) -> Report:
+             record: bool = False, raise_on_failure: bool = False, distributed: bool = False,
+             world_size: int | None = None) -> Report:
     """Prove a converted checkpoint complete, exact and kernel-ready.
 
     Args:
@@ -112,6 +113,11 @@ def validate(out: PathLike, *, source: PathLike | None = None, kernel: str = Val
         record: keep the summary in `out`'s manifest and model card.
         raise_on_failure: raise CheckFailed (naming the first failure) instead of returning a
             failed report.
+        distributed: run the kernel check as the deployment does, one process per rank (each
+            reading only its ranks' files onto its own GPU; gloo on CPU), partial outputs summed
+            by all-reduce (mm_convert.validators.distributed). Always runs structure, exact and
+            kernel (`checks` must be None).
+        world_size: processes for `distributed` (default: the first shape's tp; it must divide tp).
 
     Returns:
         the `Report` (`.passed`, `.incomplete`, `.failures()`, `.to_dict()`).
@@ -119,8 +125,22 @@ def validate(out: PathLike, *, source: PathLike | None = None, kernel: str = Val
     from mm_convert.validators.run import validate as run
     from mm_convert.write.card import record_validation
 
-    report = run(out, source, kernel, list(layers) if layers is not None else None, tokens, seed, device,
-                 tuple(checks) if checks is not None else None, allow_skip)
+    layer_list = list(layers) if layers is not None else None
+    if distributed:
+        from mm_convert.validators.checkpoint import ConvertedCheckpoint
+        from mm_convert.validators.distributed import launch
+
+        if checks is not None:
+            raise RequestError("--distributed runs every check; leave out --checks")
+        if world_size is None:
+            with ConvertedCheckpoint.open(out) as ckpt:
+                world_size = ckpt.block.shapes[0].parallel.tp
+        report = launch(out, world_size, source, kernel, layer_list, tokens, seed, device, allow_skip)
+    else:
+        if world_size is not None:
+            raise RequestError("--world-size applies to --distributed")
+        report = run(out, source, kernel, layer_list, tokens, seed, device,
+                     tuple(checks) if checks is not None else None, allow_skip)
     if record:
         record_validation(out, report)
     if raise_on_failure and not report.passed:

@@ -179,6 +179,10 @@ def validate(
                                          "(default: all; exact only with --source). One that cannot run fails."),
     allow_skip: bool = typer.Option(_V.allow_skip, "--allow-skip", help="Pass even if a check could not run here "
                                     "(e.g. --kernel trtllm off Blackwell); without it that exits 3."),
+    distributed: bool = typer.Option(False, "--distributed", help="The kernel check as the deployment runs it: one "
+                                     "process per rank (its own GPU; gloo on CPU), outputs all-reduced."),
+    world_size: Optional[int] = typer.Option(None, "--world-size", help="--distributed: processes (default: the "
+                                             "shape's tp; must divide it)."),
 ):
     """Prove a converted checkpoint complete, exact and kernel-ready; exit non-zero if any check fails."""
     from mm_convert import api
@@ -187,7 +191,8 @@ def validate(
     if report is not None and not report.parent.resolve().is_dir():
         _fail(f"--report {report}: the folder {report.parent} does not exist")
     result = api.validate(out, source=source, kernel=kernel, layers=parse_layers(layers), tokens=tokens, seed=seed,
-                          device=device, allow_skip=allow_skip, record=record,
+                          device=device, allow_skip=allow_skip, record=record, distributed=distributed,
+                          world_size=world_size,
                           checks=None if checks is None else tuple(c.strip() for c in checks.split(",") if c.strip()))
     typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.render())
     if report is not None:

@@ -319,16 +319,16 @@ def test_provenance_records_what_was_read(hub, tiny_fp8, tmp_path):
 
 
 def test_publish_is_private_unless_public_is_asked_from_cli_and_python(hub, converted, tmp_path):
-    import mm_convert
+    import inspect
+
+    import mm_convert as package
 
     assert mm_convert(hub, tmp_path, "publish", converted, f"{USER}/default", "-q").returncode == 0
     assert mm_convert(hub, tmp_path, "publish", converted, f"{USER}/open", "-q", "--public").returncode == 0
     private = {name: json.loads((hub.root / "repos" / "models" / USER / name / "repo.json").read_text())["private"]
                for name in ("default", "open")}
     assert private == {"default": True, "open": False}
-    import inspect as _inspect
-
-    assert _inspect.signature(mm_convert.publish).parameters["private"].default is True
+    assert inspect.signature(package.publish).parameters["private"].default is True
     from mm_convert.recipe import PublishSpec
 
     assert PublishSpec().private is True

@@ -97,10 +97,12 @@ def source_experts(source: SourceCheckpoint, layer: int, device: str = "cpu", qu
     return get
 
 
-def checkpoint_experts(ckpt: ConvertedCheckpoint, entry: ShapeEntry, layer: int) -> ExpertWeights:
+def checkpoint_experts(ckpt: ConvertedCheckpoint, entry: ShapeEntry, layer: int,
+                       only_ranks: frozenset[int] | None = None) -> ExpertWeights:
     """Without --source: the experts rebuilt from the output itself, each rank's rows in place (rows
-    of ranks a partial folder does not hold stay zero; `present_rows` leaves them out)."""
-    ranks = ckpt.ranks(entry)
+    of ranks a partial folder does not hold stay zero; `present_rows` leaves them out).
+    `only_ranks`: read those ranks' files only (the distributed check: each process its own)."""
+    ranks = [g for g in ckpt.ranks(entry) if only_ranks is None or g.rank in only_ranks]
     m = ckpt.shape
 
     def get(e: int):
@@ -165,19 +167,30 @@ def run(ckpt: ConvertedCheckpoint, source: SourceCheckpoint | None, report: Repo
             experts = (source_experts(source, layer, backend.device) if source is not None
                        else checkpoint_experts(ckpt, entry, layer))
             reference = source_reference(inputs, experts, backend.device, present_rows(ckpt, entry))
-            metrics = numerics.compare_outputs(out, reference)
-            metrics["seconds"] = round(kernel_seconds, 3)
-            if source is not None and source.kind != "fp8":  # not a pass criterion: the card's error column
+            unquantised = None
+            if source is not None and source.kind != "fp8":
                 unquantised = source_reference(inputs, source_experts(source, layer, backend.device, quantised=False),
                                                backend.device, present_rows(ckpt, entry))
-                vs_source = numerics.compare_outputs(out, unquantised)
-                metrics.update(vs_source_rel_l2=vs_source["rel_l2"], vs_source_cosine=vs_source["cosine"])
-            ok = numerics.passes(metrics, backend.tolerance)
-            unwritten = int(torch.isnan(out).sum())
-            message = (f"{backend.name} on {len(entry.present_ranks)} ranks vs float32 reference from the "
-                       f"{'source' if source is not None else 'checkpoint itself'}: rel_l2 {metrics['rel_l2']:.2e}, "
-                       f"cosine {metrics['cosine']:.6f}, within FlashInfer tolerance {metrics['within_tolerance']:.3f}")
-            if unwritten:
-                message += f"; {unwritten} output elements never written"
-                ok = False
-            report.add(Finding(CHECK, "pass" if ok else "fail", message, shape=label, layer=layer, metrics=metrics))
+            report.add(judge(out, reference, unquantised, backend, entry, layer, kernel_seconds,
+                             f"on {len(entry.present_ranks)} ranks", source is not None))
+
+
+def judge(out: torch.Tensor, reference: torch.Tensor, unquantised: torch.Tensor | None, backend: Backend,
+          entry: ShapeEntry, layer: int, seconds: float, where: str, from_source: bool) -> Finding:
+    """One layer's summed MoE output against the float32 reference: the finding, with its metrics.
+    `unquantised` (BF16 sources): the reference on the source's own weights, for the card's error
+    column, not a pass criterion."""
+    metrics = numerics.compare_outputs(out, reference)
+    metrics["seconds"] = round(seconds, 3)
+    if unquantised is not None:
+        vs_source = numerics.compare_outputs(out, unquantised)
+        metrics.update(vs_source_rel_l2=vs_source["rel_l2"], vs_source_cosine=vs_source["cosine"])
+    ok = numerics.passes(metrics, backend.tolerance)
+    unwritten = int(torch.isnan(out).sum())
+    message = (f"{backend.name} {where} vs float32 reference from the "
+               f"{'source' if from_source else 'checkpoint itself'}: rel_l2 {metrics['rel_l2']:.2e}, "
+               f"cosine {metrics['cosine']:.6f}, within FlashInfer tolerance {metrics['within_tolerance']:.3f}")
+    if unwritten:
+        message += f"; {unwritten} output elements never written"
+        ok = False
+    return Finding(CHECK, "pass" if ok else "fail", message, shape=entry.key, layer=layer, metrics=metrics)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mm_convert import __version__
+from mm_convert.units import human_bytes
 
 Status = Literal["pass", "fail", "skip", "info"]
 CHECKS = ("structure", "exact", "quant-error", "kernel")
@@ -49,6 +50,16 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)
     tool_version: str = __version__
     allow_skip: bool = False  # a check that did not run (a kernel this GPU cannot run) does not fail
+    # The distributed kernel check: world size, collective backend, each process's device, ranks,
+    # time and peak memory (None: the single-process check).
+    distributed: dict[str, Any] | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Report":
+        """The inverse of `to_dict` (a report written by another process)."""
+        fields = {k: v for k, v in d.items() if k != "passed"}
+        fields["findings"] = [Finding(**f) for f in d.get("findings", [])]
+        return cls(**fields)
 
     def add(self, finding: Finding) -> Finding:
         self.findings.append(finding)
@@ -101,6 +112,13 @@ class Report:
                     f"{f.shape or '':<{width}}{f.layer:>6}{m['rel_l2']:>11.2e}{m['cosine']:>11.6f}{m['max_abs']:>11.2e}"
                     f"{m['within_tolerance']:>8.3f}  {f.status}"
                 )
+        if self.distributed:
+            d = self.distributed
+            lines.append(f"distributed: {d['world_size']} processes, {d['backend']} all-reduce")
+            for p in d["processes"]:
+                lines.append(f"  process {p['process']}: {p['device_name']} ({p['device']}), ranks "
+                             f"{','.join(map(str, p['ranks'])) or 'none'}, last layer {p['seconds']:.2f} s, "
+                             f"peak {human_bytes(p['peak_bytes'])}")
         for f in [f for f in self.findings if f.status in ("skip", "info")][:10]:
             lines.append(f.line())
         failures = self.failures()
