@@ -1,6 +1,6 @@
 """The presharded format on a CUDA machine, in one run (for the lent H200):
 
-    PYTHONPATH=. python3 bench/gpu_presharded.py --out DIR [--work /tmp/mmc-gpu]
+    python3 bench/gpu_presharded.py --out DIR [--work /tmp/mmc-gpu]   # with mm_convert installed (bench/gpu_run.sh)
 
 1. `quant.requant_ue8m0` (SGLang's SM100 re-quantisation of the FP8 linear layers, which mm-convert
    computes on the CPU) run on the GPU and on the CPU at MiniMax-M2.5's real per-rank attention

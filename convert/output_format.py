@@ -12,15 +12,16 @@ from typing import Any, Literal
 from mm_convert.errors import CheckFailed
 from mm_convert.model import ModelShape
 from mm_convert.plan.parallel import ParallelShape
+from mm_convert.read import safetensors_file
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 CONFIG_BLOCK_KEY = "mm_convert"
 MANIFEST_NAME = "mm_convert.json"
+INDEX_NAME = safetensors_file.INDEX_NAME  # the experts format's shard index: Hugging Face's own
 SYNTHETIC_KEY = "mm_convert_synthetic"  # in a synthetic source's config.json: cards must not call its weights MiniMax-M2.5
 MODEL_CARD_NAME = "README.md"
 CHART_NAME = "validation.svg"  # the per-layer error chart the card shows, when validation recorded one
-INDEX_NAME = "model.safetensors.index.json"
 EXPERTS_DIR = "experts"
 WORK_DIR = ".mm-convert"  # staging, lock and journal of a conversion in progress
 DEFAULT_PART_SIZE = 5 * 10**9  # bytes per file, like the Hub's usual 5 GB shards
@@ -71,7 +72,24 @@ def presharded_root(moe_runner_backend: str, gpu_arch: str) -> str:
 
 
 def default_format(profile: str) -> OutputFormat:
-    return "presharded" if profile == "sglang" else "experts"
+    from mm_convert.transform.profiles import get_profile
+
+    return "presharded" if get_profile(profile).is_sglang_state else "experts"
+
+
+def part_metadata(profile_name: str, parallel: ParallelShape, g) -> dict[str, str]:
+    """The safetensors metadata of rank `g`'s expert part files (the writer writes it, validate
+    checks it): which shape and rank the file belongs to and which experts it holds."""
+    return {
+        "mm_convert_profile": profile_name,
+        "tp": str(parallel.tp),
+        "ep": str(parallel.ep),
+        "rank": str(g.rank),
+        "moe_tp_rank": str(g.moe_tp_rank),
+        "moe_ep_rank": str(g.moe_ep_rank),
+        "local_expert_offset": str(g.first_expert),
+        "local_num_experts": str(g.num_local_experts),
+    }
 
 
 def expert_tensor_name(layer: int, kind: ExpertTensorKind) -> str:

@@ -31,7 +31,8 @@ from mm_convert.units import parse_size
 DEFAULT_CHUNK_SIZE = 256 * 10**6  # source bytes per chunk of experts (BF16 counts its quantisation temporaries)
 DEFAULT_BATCH_SIZE = 50 * 10**9  # per commit when publishing: several commits for a 230 GB checkpoint
 
-KERNELS = ("auto", "reference", "triton", "cutlass", "trtllm")
+# The kernel check's backends (validators/kernels/select.py picks among them).
+KERNEL_CHOICES = ("auto", "reference", "triton", "cutlass", "trtllm")
 
 
 @dataclass(frozen=True)
@@ -179,8 +180,8 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RequestError(f"{where} [validate]: layers must be \"auto\" or a list of layer numbers")
     v = ValidateSpec()
     kernel = _typed(val, "kernel", str, where, v.kernel)
-    if kernel not in KERNELS:
-        raise RequestError(f"{where} [validate]: kernel {kernel!r} is not one of {', '.join(KERNELS)}")
+    if kernel not in KERNEL_CHOICES:
+        raise RequestError(f"{where} [validate]: kernel {kernel!r} is not one of {', '.join(KERNEL_CHOICES)}")
     validate = ValidateSpec(
         enabled=_typed(val, "enabled", bool, where, v.enabled),
         kernel=kernel,

@@ -14,7 +14,6 @@ from mm_convert.commands.convert import ConvertOptions, convert
 from mm_convert.validators.checkpoint import ConvertedCheckpoint
 from mm_convert.validators.distributed import launch
 from mm_convert.validators.run import validate
-from tests.conftest import run_cli
 
 PROFILES = {"sglang": {}, "trtllm": {"profile": "trtllm", "format": "experts"}}
 

@@ -375,7 +375,7 @@ def test_every_command_with_bad_arguments_fails_in_one_line(tiny_fp8, finished, 
 
 def test_ctrl_c_is_one_line_and_resumable(tiny_fp8, tmp_path):
     out = tmp_path / "out"
-    slow = ("import time, sys; from convert import writer; w = writer.StagedFile.write\n"
+    slow = ("import time, sys; from mm_convert.write import workarea as writer; w = writer.StagedFile.write\n"
             "def slow(self, d):\n    time.sleep(0.05); return w(self, d)\n"
             "writer.StagedFile.write = slow\nfrom mm_convert.cli import main\nmain(sys.argv[1:])\n")
     proc = subprocess.Popen([sys.executable, "-c", slow, "convert", str(tiny_fp8), str(out), "--tp", "2", "-q"],

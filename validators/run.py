@@ -10,7 +10,8 @@ from mm_convert.errors import CheckFailed, MMConvertError, RequestError
 from mm_convert.read.source import SourceCheckpoint
 from mm_convert.validators import exact, kernel_check, structure
 from mm_convert.validators.checkpoint import ConvertedCheckpoint
-from mm_convert.validators.kernels.select import KERNEL_CHOICES, select
+from mm_convert.recipe import KERNEL_CHOICES
+from mm_convert.validators.kernels.select import select
 from mm_convert.validators.report import Finding, Report
 
 

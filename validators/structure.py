@@ -14,6 +14,7 @@ from mm_convert.plan import presharded
 from mm_convert.errors import MMConvertError
 from mm_convert.fsutil import sha256_file
 from mm_convert.output_format import EXPERT_DTYPES
+from mm_convert.transform.quant import fp8_nan_per_item
 from mm_convert.read.safetensors_file import read_header, tensor_bytes
 from mm_convert.plan.sglang_state import PreshardedTarget
 from mm_convert.validators.checkpoint import ConvertedCheckpoint, OutputView
@@ -55,7 +56,7 @@ def check_manifest(ckpt: ConvertedCheckpoint, report: Report, on_bytes=None) -> 
             report.add(Finding(CHECK, "fail", f"{required}: not listed in the manifest, so nothing proves it is the "
                                               "one the conversion wrote"))
             bad += 1
-    recorded = {s.get("dir") for s in manifest.shapes if isinstance(s, dict)}
+    recorded = {s.dir for s in manifest.shapes}
     listed_shapes = {s.dir for s in ckpt.block.shapes}
     if recorded != listed_shapes:
         report.add(Finding(CHECK, "fail", f"the manifest records shapes {sorted(map(str, recorded))} but config.json "
@@ -168,11 +169,7 @@ def check_shape_files(ckpt: ConvertedCheckpoint, report: Report) -> None:
                     bad += 1
                     continue
                 meta = header.metadata or {}
-                want_meta = {
-                    "mm_convert_profile": ckpt.profile.name, "tp": str(entry.tp), "ep": str(entry.ep),
-                    "rank": str(g.rank), "moe_tp_rank": str(g.moe_tp_rank), "moe_ep_rank": str(g.moe_ep_rank),
-                    "local_expert_offset": str(g.first_expert), "local_num_experts": str(g.num_local_experts),
-                }
+                want_meta = output_format.part_metadata(ckpt.profile.name, entry.parallel, g)
                 for key, want in want_meta.items():
                     if meta.get(key) != want:
                         report.add(Finding(CHECK, "fail", f"{rel}: metadata {key} = {meta.get(key)!r}, expected {want!r}",
@@ -256,8 +253,7 @@ def check_padding_and_scales(ckpt: ConvertedCheckpoint, report: Report, layers: 
                         report.add(Finding(CHECK, "fail", f"{what}: a real scale block is not finite and positive",
                                            shape=label, layer=layer, expert=g.first_expert + e, rank=g.rank))
                         bad += 1
-                nan = ((w13 & 0x7F) == 0x7F).reshape(w13.shape[0], -1).any(dim=1) | \
-                      ((w2 & 0x7F) == 0x7F).reshape(w2.shape[0], -1).any(dim=1)
+                nan = fp8_nan_per_item(w13) | fp8_nan_per_item(w2)
                 for e in nan.nonzero().flatten().tolist()[:3]:
                     report.add(Finding(CHECK, "fail", "FP8 weight holds NaN", shape=label, layer=layer,
                                        expert=g.first_expert + e, rank=g.rank))

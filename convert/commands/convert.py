@@ -34,7 +34,7 @@ from mm_convert.write.card import card_files, source_card_metadata
 from mm_convert.errors import MMConvertError, OutputError, RequestError
 from mm_convert.plan.estimate import Estimate, check_disk, estimate
 from mm_convert.fsutil import FileRecord, atomic_write_bytes, confined, read_small_file
-from mm_convert.write.manifest import Census, DtypeCount, Manifest, SourceIdentity, new_manifest
+from mm_convert.write.manifest import Census, DtypeCount, Manifest, RecipeRecord, SourceIdentity, new_manifest
 from mm_convert.output_format import ConfigBlock, ShapeEntry
 from mm_convert.plan.parallel import ParallelShape
 from mm_convert.plan import presharded, sglang_state
@@ -47,7 +47,7 @@ from mm_convert.plan.build import (
     build_presharded_plan,
     lay_out_presharded,
 )
-from mm_convert.transform.profiles import get_profile
+from mm_convert.transform.profiles import get_profile, sglang_state_profile
 from mm_convert.recipe import ConvertSpec
 from mm_convert.units import human_bytes
 from mm_convert.progress import byte_bar
@@ -94,27 +94,19 @@ class ConvertOptions:
         return cls(profile=spec.profile, tp=spec.tp, ep=spec.ep, part_size=spec.part_size, device=spec.device,
                    format=spec.format, gpu_arch=spec.gpu_arch, ranks=spec.ranks, chunk_bytes=spec.chunk_size, **rest)
 
-    def recipe_record(self) -> dict[str, Any]:
-        record = {
-            "name": self.recipe_name,
-            "format": self.output_format,
-            "profile": self.profile,
-            "tp": self.tp,
-            "ep": self.ep,
-        }
+    def recipe_record(self) -> RecipeRecord:
         if self.output_format == "presharded":
-            record.update(gpu_arch=self.gpu_arch, ranks=list(self.ranks) if self.ranks is not None else None)
-        else:
-            record["part_size"] = self.part_size
-        return record
+            return RecipeRecord(self.recipe_name, self.output_format, self.profile, self.tp, self.ep,
+                                gpu_arch=self.gpu_arch, ranks=self.ranks)
+        return RecipeRecord(self.recipe_name, self.output_format, self.profile, self.tp, self.ep,
+                            part_size=self.part_size)
 
     def check(self) -> None:
         """Refuse a combination that cannot be written, in one line, before the source is read."""
         fmt = self.output_format
         if fmt not in output_format.OUTPUT_FORMATS:
             raise RequestError(f"--format {fmt!r}: choose one of {', '.join(output_format.OUTPUT_FORMATS)}")
-        get_profile(self.profile)
-        if fmt == "presharded" and self.profile != "sglang":
+        if fmt == "presharded" and not get_profile(self.profile).is_sglang_state:
             raise RequestError(f"--format presharded holds SGLang's own state, which is the sglang profile; "
                                f"profile {self.profile!r} needs --format experts")
         if fmt == "experts" and self.ranks is not None:
@@ -218,7 +210,7 @@ def _fingerprint(source: SourceCheckpoint, options: ConvertOptions) -> dict[str,
         "source_files": [[f.name, f.size, f.mtime_ns, f.inode, f.header_sha256] for f in source.files],
         "source_repo": options.source_repo,
         "source_revision": options.source_revision,
-        **options.recipe_record(),
+        **json.loads(json.dumps(asdict(options.recipe_record()))),  # as stored: lists, not tuples
         "name": None,
     }
 
@@ -249,7 +241,7 @@ def _previous(out: Path, identity: SourceIdentity, profile: str, fmt: str, overw
     if not (out / output_format.MANIFEST_NAME).exists():
         return None, None
     previous = Manifest.load(out)
-    previous_format = previous.recipe.get("format", "experts")
+    previous_format = previous.recipe.format
     reason = None
     if not previous.source.same_weights(identity):
         reason = "a different source (or the same files changed since)"
@@ -454,7 +446,7 @@ def convert(source_dir: str | os.PathLike, out: str | os.PathLike, options: Conv
             for name in plan.auxiliary_files:
                 written.records[name] = _small_file(work, name, (source.root / name).read_bytes())
             records = written.records
-            shapes = [ShapeEntry(**s) for s in (previous.shapes if previous else []) if s["dir"] != new_shape.dir] + [new_shape]
+            shapes = [s for s in (previous.shapes if previous else []) if s.dir != new_shape.dir] + [new_shape]
             config = _config_json(source, options.profile, fmt, shapes)
             records[output_format.CONFIG_NAME] = _small_file(work, output_format.CONFIG_NAME, _json_bytes(config))
             kept = [r for r in (previous.files if previous else []) if r.path not in records
@@ -466,7 +458,7 @@ def convert(source_dir: str | os.PathLike, out: str | os.PathLike, options: Conv
             validation = {k: v for k, v in (previous.validation if previous else {}).items()
                           if k != new_shape.key or not written.data_files_written}
             manifest = new_manifest(identity, options.profile, options.recipe_record(),
-                                    [asdict(s) for s in shapes], all_records, census(paths, source, fmt), validation,
+                                    shapes, all_records, census(paths, source, fmt), validation,
                                     source_digests)
             card = card_files(config, manifest)
             for name, data in card.items():
@@ -584,8 +576,8 @@ def _write_experts(source: SourceCheckpoint, plan: ConversionPlan, work: WorkDir
 def _with_previous_ranks(plan: PreshardedPlan, previous: Manifest) -> PreshardedPlan:
     """Converting more ranks of a folder that holds some keeps those: the folder covers both."""
     for s in previous.shapes:
-        if s.get("dir") == plan.folder:
-            earlier = s.get("ranks")
+        if s.dir == plan.folder:
+            earlier = s.ranks
             ranks = set(range(plan.parallel.tp)) if earlier is None else set(earlier)
             return replace(plan, ranks=tuple(sorted(ranks | set(plan.ranks))))
     return plan
@@ -625,7 +617,7 @@ def small_tensor_keys(source: SourceCheckpoint, plan: PreshardedPlan, chunk_byte
                 wanted[r].append(t)
     sinks = [HashSink(ts, on_bytes) for ts in wanted]
     streams = [RankStream(g, state, sink) for g, state, sink in zip(plan.geometry, plan.states, sinks) if sink.tensors]
-    run_stream(source, get_profile("sglang"), streams, chunk_bytes)
+    run_stream(source, sglang_state_profile(), streams, chunk_bytes)
     keys: list[dict[str, str]] = []
     for state in plan.states:
         row = {}
@@ -680,7 +672,7 @@ def _write_presharded(source: SourceCheckpoint, plan: PreshardedPlan, work: Work
         sinks = {r: FileSink(work, write.get(r, []), progress.count, hash_only.get(r, []))
                  for r in sorted(set(write) | set(hash_only))}
         streams = [RankStream(plan.geometry[r], plan.states[r], sink) for r, sink in sinks.items()]
-        run_stream(source, get_profile("sglang"), streams, options.chunk_bytes, options.device, digests=digests)
+        run_stream(source, sglang_state_profile(), streams, options.chunk_bytes, options.device, digests=digests)
         for sink in sinks.values():
             for rec in sink.records:
                 written.records[rec.path] = rec

@@ -180,11 +180,11 @@ def _inspect_converted(path: Path, config: dict) -> Summary:
         src = manifest.source
         s.data["manifest"] = {"files": len(manifest.files), "bytes": sum(f.size for f in manifest.files),
                               "missing": missing, "wrong_size": wrong, "source": asdict(src),
-                              "validation": manifest.validation}
+                              "validation": {k: asdict(v) for k, v in manifest.validation.items()}}
         s.add("source", f"{src.repo_id or src.path}" + (f" @ {src.revision}" if src.revision else ""))
         if manifest.validation:
             for key, result in sorted(manifest.validation.items()):
-                s.add(f"validation {key}", result.get("summary", result) if isinstance(result, dict) else result)
+                s.add(f"validation {key}", result.line())
         else:
             s.add("validation", "not run yet")
     if work.exists() and (work / "fingerprint.json").exists():

@@ -118,8 +118,8 @@ def run_recipe(recipe: Recipe, quiet: bool = False) -> RunResult:
         label = converted.shape.key
         settings = {"kernel_requested": v.kernel, "tokens": v.tokens, "seed": v.seed}
         previous = Manifest.load(out).validation.get(label)
-        if not converted.data_files_written and previous and previous.get("passed") and previous.get("settings") == settings:
-            return "skipped", f"passed before with the same settings ({previous.get('kernel')}); files unchanged", None
+        if not converted.data_files_written and previous and previous.passed and previous.settings == settings:
+            return "skipped", f"passed before with the same settings ({previous.kernel}); files unchanged", None
         rep = validate(out, source, v.kernel, list(v.layers) if v.layers is not None else None, v.tokens, v.seed)
         record_validation(out, rep, settings)
         if not rep.passed:

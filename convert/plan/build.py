@@ -6,10 +6,8 @@ planned byte ranges in order.
 """
 
 from __future__ import annotations
-
 import math
 from dataclasses import dataclass, field
-
 from mm_convert import output_format
 from mm_convert.plan import presharded, sglang_state
 from mm_convert.errors import RequestError
@@ -17,27 +15,19 @@ from mm_convert.model import ModelShape
 from mm_convert.output_format import EXPERT_DTYPES, ExpertTensorKind
 from mm_convert.plan.parallel import ParallelShape, RankGeometry
 from mm_convert.transform.profiles import Profile, RankTensorShapes
-from mm_convert.read.safetensors_file import DTYPES, HeaderEntry, encode_header
+from mm_convert.read.safetensors_file import DTYPES, TensorEntry, encode_header
 from mm_convert.plan.sglang_state import PreshardedTarget, RankTensor
 from mm_convert.read.source import SourceCheckpoint
 
 
 @dataclass(frozen=True)
-class PlannedTensor:
-    """One tensor of an output file: where it goes and where it comes from."""
+class PlannedTensor(TensorEntry):
+    """One tensor of an output file: where it goes (the entry) and where it comes from."""
 
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int  # within the file's data section
     source: str | None = None  # pass-through tensors: the source tensor copied unchanged
     layer: int | None = None  # expert tensors: layer and kind
     kind: ExpertTensorKind | None = None
     ref: str | None = None  # the rank-stream tensor whose bytes fill it (default: `name`)
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype][1]
 
 
 @dataclass(frozen=True)
@@ -56,7 +46,7 @@ class PlannedFile:
 
     @property
     def header(self) -> bytes:
-        return encode_header([HeaderEntry(t.name, t.dtype, t.shape, t.offset) for t in self.tensors], self.metadata)
+        return encode_header(self.tensors, self.metadata)
 
     @property
     def data_size(self) -> int:
@@ -178,17 +168,7 @@ def build_plan(source: SourceCheckpoint, profile: Profile, parallel: ParallelSha
                     t = PlannedTensor(name, EXPERT_DTYPES[kind], kshape, offset, layer=layer, kind=kind, ref=name)
                     tensors.append(t)
                     offset += t.nbytes
-            metadata = {
-                "format": "pt",
-                "mm_convert_profile": profile.name,
-                "tp": str(parallel.tp),
-                "ep": str(parallel.ep),
-                "rank": str(g.rank),
-                "moe_tp_rank": str(g.moe_tp_rank),
-                "moe_ep_rank": str(g.moe_ep_rank),
-                "local_expert_offset": str(g.first_expert),
-                "local_num_experts": str(g.num_local_experts),
-            }
+            metadata = {"format": "pt", **output_format.part_metadata(profile.name, parallel, g)}
             expert_files.append(
                 PlannedFile(
                     output_format.rank_part_file_name(parallel, g.rank, group.part),

@@ -32,7 +32,7 @@ from mm_convert.errors import RequestError
 from mm_convert.model import QUANT_BLOCK, ModelShape
 from mm_convert.output_format import EXPERT_DTYPES, EXPERT_TENSOR_KINDS, ExpertTensorKind, expert_tensor_name
 from mm_convert.plan.parallel import ParallelShape, RankGeometry
-from mm_convert.transform.profiles import get_profile
+from mm_convert.transform.profiles import sglang_state_profile
 from mm_convert.transform.quant import packed_ue8m0_scale_shape
 from mm_convert.read.safetensors_file import DTYPES
 
@@ -263,7 +263,7 @@ def _attention(source: SourceView, layer: int, tp: int, rank: int, dtype: str, g
 
 
 def _experts(source: SourceView, layer: int, g: RankGeometry) -> dict[ExpertTensorKind, RankTensor]:
-    shapes = get_profile("sglang").shapes(source.shape.hidden_size, g)
+    shapes = sglang_state_profile().shapes(source.shape.hidden_size, g)
     by_kind = {"w13_weight": shapes.w13, "w13_weight_scale_inv": shapes.w13_scale,
                "w2_weight": shapes.w2, "w2_weight_scale_inv": shapes.w2_scale}
     return {kind: RankTensor(expert_tensor_name(layer, kind), EXPERT_DTYPES[kind], tuple(s), ExpertTensor(layer, kind))

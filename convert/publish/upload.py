@@ -81,7 +81,7 @@ def publish(out: str | Path, repo_id: str, private: bool = PublishSpec.private, 
     check_repo_id(repo_id)
     check_revision(revision)
     manifest = Manifest.load(out)
-    failed = [k for k, v in manifest.validation.items() if not v.get("passed")]
+    failed = [k for k, v in manifest.validation.items() if not v.passed]
     if failed and not allow_failed_validation:
         raise HubError(f"{out}: validation failed for {', '.join(failed)}; fix it or pass --allow-failed-validation")
     if not (out / output_format.MODEL_CARD_NAME).is_file():

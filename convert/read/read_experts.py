@@ -15,7 +15,7 @@ import torch
 from mm_convert import model
 from mm_convert.errors import SourceError
 from mm_convert.transform.profiles import Down, GateUp
-from mm_convert.transform.quant import quantize_fp8_block
+from mm_convert.transform.quant import fp8_nan_per_item, quantize_fp8_block
 from mm_convert.read.source import SourceCheckpoint
 
 GATE_UP: tuple[model.Projection, ...] = ("w1", "w3")
@@ -42,13 +42,8 @@ def _fail(source: SourceCheckpoint, bad_per_expert: torch.Tensor, names: list[st
 
 
 def check_fp8(source: SourceCheckpoint, weight: torch.Tensor, names: list[str]) -> None:
-    """e4m3fn has no infinities; 0x7F and 0xFF are its only NaN encodings.
-
-    Two max-reductions find them (0xFF is the only byte whose uint8 value is 255, 0x7F the only one
-    whose int8 value is 127): about thirty times faster than comparing every byte.
-    """
-    if int(weight.max()) == 255 or int(weight.view(torch.int8).max()) == 127:
-        bad = ((weight & 0x7F) == 0x7F).flatten(1).any(1)
+    bad = fp8_nan_per_item(weight)
+    if bool(bad.any()):
         _fail(source, bad, names, "FP8 weight holds NaN")
 
 

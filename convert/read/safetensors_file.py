@@ -41,21 +41,41 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
 }
 TORCH_TO_NAME = {dt: name for name, (dt, _) in DTYPES.items()}
 
+# Hugging Face's sharded-checkpoint index (sources and the experts format's output alike).
+INDEX_NAME = "model.safetensors.index.json"
+
 
 @dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor's bytes sit in a file, as its header says (already validated)."""
+class TensorEntry:
+    """One tensor of a safetensors file: its name, dtype, shape and where its bytes start in the data
+    section. The one record of a tensor's layout: headers read (`TensorInfo` adds the file) and
+    written, plans (`plan.build.PlannedTensor` adds where the bytes come from), synthetic sources."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
-    path: Path
-    start: int  # absolute byte offset in the file
-    nbytes: int
+    offset: int = 0  # within the data section
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype][0]
+
+
+@dataclass(frozen=True)
+class TensorInfo(TensorEntry):
+    """Where one tensor's bytes sit in a file, as its header says (already validated)."""
+
+    path: Path = Path()
+    data_start: int = 0  # the file's data section, after the header
+
+    @property
+    def start(self) -> int:
+        """Absolute byte offset in the file."""
+        return self.data_start + self.offset
 
 
 @dataclass(frozen=True)
@@ -175,24 +195,10 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_siz
             f"{path}: tensor {name} ends at data byte {end}, past the end of the file "
             f"({data_size} data bytes): the file is truncated or corrupt"
         )
-    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
+    return TensorInfo(name, dtype, tuple(shape), begin, path, data_start)
 
 
-@dataclass(frozen=True)
-class HeaderEntry:
-    """One tensor as it will be written: its dtype, shape and byte range in the data section."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype][1]
-
-
-def encode_header(entries: list[HeaderEntry] | tuple[HeaderEntry, ...], metadata: dict[str, str] | None = None) -> bytes:
+def encode_header(entries: list[TensorEntry] | tuple[TensorEntry, ...], metadata: dict[str, str] | None = None) -> bytes:
     """The 8-byte length prefix plus the JSON header, padded with spaces to 8-byte alignment.
 
     Entries must already tile the data section (the plan computes offsets before any byte moves).
@@ -207,7 +213,7 @@ def encode_header(entries: list[HeaderEntry] | tuple[HeaderEntry, ...], metadata
     return len(text).to_bytes(8, "little") + text
 
 
-def encode_header_exact(entries: list[HeaderEntry] | tuple[HeaderEntry, ...], length: int) -> bytes:
+def encode_header_exact(entries: list[TensorEntry] | tuple[TensorEntry, ...], length: int) -> bytes:
     """A metadata-free header padded with spaces to exactly `length` bytes (length prefix included):
     the header written in place of a placeholder of that length once the real names are known."""
     obj = {e.name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.offset, e.offset + e.nbytes]} for e in entries}

@@ -20,9 +20,8 @@ from mm_convert.errors import SourceError
 from mm_convert.fsutil import confined, read_json_object, regular_file_problem
 from mm_convert.read.hf_cache import snapshot_of
 from mm_convert.model import ModelShape
-from mm_convert.read.safetensors_file import TensorInfo, pread_into, read_header, tensor_bytes
+from mm_convert.read.safetensors_file import INDEX_NAME, TensorInfo, pread_into, read_header, tensor_bytes
 
-INDEX_NAME = "model.safetensors.index.json"
 SINGLE_FILE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 QUANTISABLE_DTYPES = ("BF16", "F16", "F32")

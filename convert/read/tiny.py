@@ -9,22 +9,18 @@ An FP8 checkpoint is the BF16 one with the same seed, block-quantised.
 """
 
 from __future__ import annotations
-
 import json
-import math
 import os
 import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-
 import torch
-
 from mm_convert import model
 from mm_convert.output_format import SYNTHETIC_KEY
 from mm_convert.errors import RequestError
 from mm_convert.transform.quant import quantize_fp8_block
-from mm_convert.read.safetensors_file import DTYPES, HeaderEntry, encode_header, tensor_bytes
+from mm_convert.read.safetensors_file import TensorEntry, encode_header, tensor_bytes
 from mm_convert.read.source import INDEX_NAME
 
 
@@ -104,33 +100,22 @@ def _shape_of(spec: SyntheticSpec) -> model.ModelShape:
     return model.read_model_shape(config_for(spec, "bf16"))
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # safetensors dtype name
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype][1]
-
-
-def tensor_specs(spec: SyntheticSpec, dtype: str) -> list[TensorSpec]:
+def tensor_specs(spec: SyntheticSpec, dtype: str) -> list[TensorEntry]:
     """Every tensor of the checkpoint (name, dtype, shape), in layer order, before any is drawn."""
     shape = _shape_of(spec)
 
-    def linear(name: str, s: tuple[int, ...]) -> list[TensorSpec]:
+    def linear(name: str, s: tuple[int, ...]) -> list[TensorEntry]:
         if dtype == "fp8":
-            return [TensorSpec(name, "F8_E4M3", s), TensorSpec(name + "_scale_inv", "F32", model.scale_shape(s))]
-        return [TensorSpec(name, "BF16", s)]
+            return [TensorEntry(name, "F8_E4M3", s), TensorEntry(name + "_scale_inv", "F32", model.scale_shape(s))]
+        return [TensorEntry(name, "BF16", s)]
 
-    specs: list[TensorSpec] = []
+    specs: list[TensorEntry] = []
     for name, (s, is_linear) in model.non_expert_tensor_shapes(shape).items():
         if is_linear:
             specs += linear(name, s)
         else:
             router = name.endswith("gate.weight") or name.endswith("e_score_correction_bias")
-            specs.append(TensorSpec(name, "F32" if router else "BF16", s))  # the router is fp32, as the model ships
+            specs.append(TensorEntry(name, "F32" if router else "BF16", s))  # the router is fp32, as the model ships
     for layer in range(shape.num_layers):
         for expert in range(shape.num_experts):
             for proj, s in shape.expert_weight_shapes.items():
@@ -154,7 +139,7 @@ class TensorSource:
     def _bf16(self, name: str, shape: tuple[int, ...], device: str = "cpu") -> torch.Tensor:
         return (torch.randn(shape, generator=self._gen(name, device), device=device) * WEIGHT_STD).to(torch.bfloat16)
 
-    def tensor(self, t: TensorSpec) -> torch.Tensor:
+    def tensor(self, t: TensorEntry) -> torch.Tensor:
         if t.name.endswith("_scale_inv"):
             base = t.name[: -len("_scale_inv")]
             if base not in self._pending:
@@ -170,7 +155,7 @@ class TensorSource:
             return (1.0 + torch.randn(t.shape, generator=self._gen(t.name)) * 0.05).to(torch.bfloat16)
         return self._bf16(t.name, t.shape)
 
-    def _quantised(self, weight_name: str, t: TensorSpec) -> torch.Tensor:
+    def _quantised(self, weight_name: str, t: TensorEntry) -> torch.Tensor:
         shape = t.shape if not t.name.endswith("_scale_inv") else None
         weight_shape = shape or self._weight_shape(weight_name)
         if self.spec.random_fp8_bytes:
@@ -246,11 +231,11 @@ def make_synthetic(out: str | Path, spec: SyntheticSpec = TINY, dtype: str = "fp
     return out
 
 
-def _write_shard(path: Path, shard: list[TensorSpec], source: TensorSource) -> None:
+def _write_shard(path: Path, shard: list[TensorEntry], source: TensorSource) -> None:
     """Header first (offsets are known from shapes), then each tensor as it is drawn: no shard in memory."""
     entries, offset = [], 0
     for t in shard:
-        entries.append(HeaderEntry(t.name, t.dtype, t.shape, offset))
+        entries.append(TensorEntry(t.name, t.dtype, t.shape, offset))
         offset += t.nbytes
     with open(path, "wb") as f:
         f.write(encode_header(entries, {"format": "pt"}))
@@ -259,7 +244,7 @@ def _write_shard(path: Path, shard: list[TensorSpec], source: TensorSource) -> N
             f.write(tensor_bytes(data))
 
 
-def _assign_shards(specs: list[TensorSpec], num_shards: int) -> list[list[TensorSpec]]:
+def _assign_shards(specs: list[TensorEntry], num_shards: int) -> list[list[TensorEntry]]:
     if num_shards <= 1:
         return [specs]
     # Scales of expert 0 go to the last shard, away from their weights (real checkpoints do this too).
@@ -267,7 +252,7 @@ def _assign_shards(specs: list[TensorSpec], num_shards: int) -> list[list[Tensor
     moved_names = {t.name for t in moved}
     rest = [t for t in specs if t.name not in moved_names]
     target = sum(t.nbytes for t in rest) / (num_shards - 1)
-    shards: list[list[TensorSpec]] = [[]]
+    shards: list[list[TensorEntry]] = [[]]
     acc = 0
     for t in rest:
         if acc >= target * len(shards) and len(shards) < num_shards - 1:

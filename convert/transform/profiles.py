@@ -288,6 +288,10 @@ def trtllm_shapes(hidden: int, g: RankGeometry) -> RankTensorShapes:
 
 @dataclass(frozen=True)
 class Profile:
+    """A layout, as every consumer asks it: the writers (pack, shapes, whether its gate/up bytes are
+    views of the source), the validators (unpack, to_major_k), the kernels (flags), the format and
+    the card (what SGLang holds, the default output format, a description)."""
+
     name: str
     flags: KernelFlags
     pack_gate_up: Callable[..., Packed]  # (GateUp, RankGeometry, out=None) -> Packed
@@ -297,6 +301,12 @@ class Profile:
     shapes: Callable[[int, RankGeometry], RankTensorShapes]
     # Undo only the weight re-layout, giving back the sglang (MajorK, unshuffled) tensor.
     to_major_k: Callable[[torch.Tensor], torch.Tensor]
+    # Byte-identical to what SGLang's flashinfer_trtllm_routed backend holds: can be written as its
+    # presharded state, which is then the default output format.
+    is_sglang_state: bool
+    # The packed gate/up weight is the source rows in another order: streamed as views, no copy.
+    gate_up_is_a_view: bool
+    description: str  # one line for the model card
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -313,6 +323,10 @@ PROFILES: dict[str, Profile] = {
         unpack_down=sglang_unpack_down,
         shapes=sglang_shapes,
         to_major_k=_identity,
+        is_sglang_state=True,
+        gate_up_is_a_view=True,
+        description="gate/up rows as `[up (w3); gate (w1)]`, the rank's 128-padded slice of the intermediate "
+                    "dimension, zero padding; MajorK, unshuffled (byte-identical to what SGLang's loader builds)",
     ),
     "trtllm": Profile(
         name="trtllm",
@@ -323,8 +337,16 @@ PROFILES: dict[str, Profile] = {
         unpack_down=trtllm_unpack_down,
         shapes=trtllm_shapes,
         to_major_k=from_block_major_shuffled,
+        is_sglang_state=False,
+        gate_up_is_a_view=False,
+        description="the sglang layout plus TRT-LLM's row shuffle (epilogue tile 64) and BlockMajorK (128) on the weights",
     ),
 }
+
+
+def sglang_state_profile() -> Profile:
+    """The profile whose experts are what an SGLang rank holds (the presharded format's experts)."""
+    return next(p for p in PROFILES.values() if p.is_sglang_state)
 
 
 def get_profile(name: str) -> Profile:

@@ -157,3 +157,15 @@ def unpack_ue8m0_scale(packed: torch.Tensor, weight_shape: tuple[int, int]) -> t
     as_bytes = packed.contiguous().view(torch.uint8).view(n, -1)[:, :kb].to(torch.int32)  # little-endian bytes
     per_block = as_bytes[::QUANT_BLOCK]
     return (per_block << 23).view(torch.float32)
+
+
+def fp8_nan_per_item(weight: torch.Tensor) -> torch.Tensor:
+    """For uint8 storage of e4m3fn weights `[n, ...]`: which of the n hold a NaN.
+
+    e4m3fn has no infinities; 0x7F and 0xFF are its only NaN encodings. Two max-reductions rule
+    them out first (0xFF is the only byte whose uint8 value is 255, 0x7F the only one whose int8 value
+    is 127): about thirty times faster than comparing every byte, and the usual answer."""
+    if int(weight.max()) != 255 and int(weight.view(torch.int8).max()) != 127:
+        return torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
+    return ((weight & 0x7F) == 0x7F).reshape(weight.shape[0], -1).any(dim=1)
+

@@ -111,6 +111,42 @@ class BufferPool:
                 if t is not None and t.device.type == "cpu":
                     self._free.setdefault((tuple(t.shape), t.dtype), []).append(t)
 
+    def lease(self) -> "Lease":
+        """Buffers that go back together once every holder is done with them."""
+        return Lease(self)
+
+
+class Lease:
+    """The buffers of one chunk, shared by the threads that read, transform and write it: the one
+    object that owns them and gives them back to the pool when the last holder releases them."""
+
+    def __init__(self, pool: BufferPool) -> None:
+        self._pool, self._tensors, self._holders = pool, [], 0
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        t = self._pool.take(shape, dtype)
+        self._tensors.append(t)
+        return t
+
+    def hold(self, holders: int) -> None:
+        """`holders` releases will come (one per owner rank); none: back to the pool now."""
+        with self._lock:
+            self._holders = holders
+        if holders == 0:
+            self._give_back()
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            last = self._holders == 0
+        if last:
+            self._give_back()
+
+    def _give_back(self) -> None:
+        tensors, self._tensors = self._tensors, []
+        self._pool.give(*tensors)
+
 
 # -- the work items ------------------------------------------------------------------------------
 
@@ -125,17 +161,7 @@ class Chunk:
     owners: list[RankGeometry]
     finishes: list[int]  # ranks for which this is the last chunk of (layer, kind): their scales follow
     raw: list[Raw] = field(default_factory=list)
-    buffers: list[torch.Tensor] = field(default_factory=list)  # back to the pool once every owner wrote
-    pending: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def written_by_one_owner(self, pool: BufferPool) -> None:
-        with self.lock:
-            self.pending -= 1
-            done = self.pending == 0
-        if done:
-            pool.give(*self.buffers)
-            self.buffers = []
+    lease: Lease | None = None  # the chunk's buffers: read into, packed into, back once every owner wrote
 
 
 @dataclass
@@ -228,6 +254,48 @@ def _get(q: queue.Queue, failure: _Failure):
     return None
 
 
+class _Reader(threading.Thread):
+    """Reads the stream's work in order: each chunk of source experts into buffers of its own lease,
+    each non-expert tensor as pieces (sliced, padded, re-quantised by `produce`)."""
+
+    def __init__(self, source: SourceCheckpoint, streams: list[RankStream], chunk_bytes: int, piece_bytes: int,
+                 pool: BufferPool, failure: _Failure):
+        super().__init__(name="mm-convert-read", daemon=True)
+        self.source, self.streams, self.chunk_bytes, self.piece_bytes = source, streams, chunk_bytes, piece_bytes
+        self.pool, self.failure = pool, failure
+        self.outbox: queue.Queue = queue.Queue(maxsize=1)
+        self.requant = RequantCache(capacity=2 * len(streams))
+
+    def _read_chunk(self, chunk: Chunk) -> None:
+        source, m = self.source, self.source.shape
+        projs = GATE_UP if chunk.kind == "w13_weight" else DOWN
+        wshape = (len(chunk.experts), *m.expert_weight_shapes[projs[0]])
+        wdtype = torch.uint8 if source.kind == "fp8" else source.info(
+            model.expert_weight_name(chunk.layer, chunk.experts.start, projs[0])).torch_dtype
+        chunk.lease = self.pool.lease()
+        for proj in projs:
+            weight = chunk.lease.take(wshape, wdtype)
+            scale = (chunk.lease.take((len(chunk.experts), *model.scale_shape(wshape[1:])), torch.float32)
+                     if source.kind == "fp8" else None)
+            chunk.raw.append(read_raw(source, chunk.layer, chunk.experts, proj, weight, scale))
+
+    def run(self) -> None:
+        try:
+            for item in _work(self.source, self.streams, self.chunk_bytes):
+                if isinstance(item, Chunk):
+                    self._read_chunk(item)
+                    if not _put(self.outbox, item, self.failure):
+                        return
+                    continue
+                rank, tensor = item
+                for data in produce(self.source, tensor, self.piece_bytes, self.requant):
+                    if not _put(self.outbox, Piece(rank, tensor.name, data), self.failure):
+                        return
+            _put(self.outbox, None, self.failure)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self.failure.set(exc)
+
+
 class _RankWriter(threading.Thread):
     """Hands one rank's pieces to its sink, in order, and its scales after its last chunk of a weight."""
 
@@ -249,7 +317,7 @@ class _RankWriter(threading.Thread):
                     self.sink.write(name, piece)
                 self.scales.append(item.scale)
                 item.pieces = []
-                chunk.written_by_one_owner(self.pool)
+                chunk.lease.release()
                 if self.rank in chunk.finishes:
                     if self.sink.wants(name + "_scale_inv"):
                         self.sink.write(name + "_scale_inv", torch.cat(self.scales).contiguous())
@@ -266,7 +334,7 @@ class _Transform:
         self.source, self.profile, self.streams, self.pool, self.device = source, profile, streams, pool, device
         self.digests = digests
         m = source.shape
-        self.stream_gate_up = profile.name == "sglang" and device == "cpu"
+        self.stream_gate_up = profile.gate_up_is_a_view and device == "cpu"
         self.scratch: torch.Tensor | None = None
         ip = next(iter(streams.values())).geometry.padded_intermediate_size
         self.zeros = torch.zeros(ip * m.hidden_size, dtype=torch.uint8)
@@ -275,17 +343,13 @@ class _Transform:
         """A reusable host buffer for one rank's packed weight."""
         shapes = self.profile.shapes(self.source.shape.hidden_size, g)
         shape = (len(chunk.experts), *(shapes.w13 if chunk.kind == "w13_weight" else shapes.w2)[1:])
-        buffer = self.pool.take(shape, torch.uint8)
-        chunk.buffers.append(buffer)
-        return buffer
+        return chunk.lease.take(shape, torch.uint8)
 
     def _quantised_buffer(self, chunk: Chunk, raw: Raw) -> torch.Tensor | None:
         """A reusable FP8 buffer for a BF16 projection's quantised weights (host transforms only)."""
         if raw.scale is not None or self.device != "cpu":
             return None
-        buffer = self.pool.take(tuple(raw.weight.shape), torch.uint8)
-        chunk.buffers.append(buffer)
-        return buffer
+        return chunk.lease.take(tuple(raw.weight.shape), torch.uint8)
 
     def _packed_on_host(self, chunk: Chunk, g: RankGeometry, pack, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Pack on the transform device; a GPU result is copied into a pinned pooled host buffer."""
@@ -343,37 +407,9 @@ def run_stream(source: SourceCheckpoint, profile: Profile, streams: list[RankStr
     writers = {r: _RankWriter(s, pool, failure) for r, s in by_rank.items()}
     transform = _Transform(source, profile, by_rank, pool, device, digests)
     piece_bytes = piece_bytes or min(chunk_bytes, 64 * 1024 * 1024)
-    m = source.shape
 
-    requant = RequantCache(capacity=2 * len(streams))
-
-    def read_all(out: queue.Queue) -> None:
-        try:
-            for item in _work(source, streams, chunk_bytes):
-                if isinstance(item, Chunk):
-                    projs = GATE_UP if item.kind == "w13_weight" else DOWN
-                    wshape = (len(item.experts), *m.expert_weight_shapes[projs[0]])
-                    wdtype = torch.uint8 if source.kind == "fp8" else source.info(
-                        model.expert_weight_name(item.layer, item.experts.start, projs[0])).torch_dtype
-                    for proj in projs:
-                        weight = pool.take(wshape, wdtype)
-                        scale = pool.take((len(item.experts), *model.scale_shape(wshape[1:])), torch.float32) \
-                            if source.kind == "fp8" else None
-                        item.raw.append(read_raw(source, item.layer, item.experts, proj, weight, scale))
-                        item.buffers += [t for t in (weight, scale) if t is not None]
-                    if not _put(out, item, failure):
-                        return
-                else:
-                    rank, tensor = item
-                    for data in produce(source, tensor, piece_bytes, requant):
-                        if not _put(out, Piece(rank, tensor.name, data), failure):
-                            return
-            _put(out, None, failure)
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            failure.set(exc)
-
-    to_transform: queue.Queue = queue.Queue(maxsize=1)
-    reader = threading.Thread(target=read_all, args=(to_transform,), name="mm-convert-read", daemon=True)
+    reader = _Reader(source, streams, chunk_bytes, piece_bytes, pool, failure)
+    to_transform = reader.outbox
     try:
         for w in writers.values():
             w.start()
@@ -384,7 +420,7 @@ def run_stream(source: SourceCheckpoint, profile: Profile, streams: list[RankStr
                     break
                 continue
             shares = transform.shares(item)
-            item.pending = len(shares)
+            item.lease.hold(len(shares))
             for share, g in zip(shares, item.owners):
                 if not _put(writers[g.rank].inbox, share, failure):
                     break

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from mm_convert import model, output_format
 from mm_convert.errors import SourceError
 from mm_convert.fsutil import FileRecord, atomic_write_bytes, read_json_object, sha256_file
-from mm_convert.write.manifest import Manifest
+from mm_convert.write.manifest import Manifest, ValidationSummary
 from mm_convert.output_format import ConfigBlock
 from mm_convert.output_format import SYNTHETIC_KEY
 
@@ -82,17 +82,17 @@ def _validation_table(manifest: Manifest, chart: bool) -> list[str]:
         return ["Not validated yet: run `mm-convert validate OUT --source SOURCE --record` before publishing.", ""]
     out = []
     for shape, summary in sorted(manifest.validation.items()):
-        checks = summary.get("checks", {})
-        verdict = "passed" if summary.get("passed") else "INCOMPLETE" if summary.get("incomplete") else "FAILED"
+        checks = summary.checks
+        verdict = "passed" if summary.passed else "INCOMPLETE" if summary.incomplete else "FAILED"
         counts = ", ".join(f"{c}: {v.get('pass', 0)} pass / {v.get('fail', 0)} fail" for c, v in sorted(checks.items()))
         out.append(f"**{shape}: {verdict}** ({counts}; "
-                   f"{'checked against the source' if summary.get('source_checked') else 'without the source'}; "
-                   f"kernel `{summary.get('kernel')}`, {summary.get('tokens')} tokens per layer).")
-        if summary.get("kernel_note"):
-            out.append(f"Kernel selection: {summary['kernel_note']}.")
-        for line in summary.get("not_run") or []:
-            out.append(f"Not run: `{line}`" + (" (allowed by --allow-skip)." if summary.get("allow_skip") else "."))
-        rows = summary.get("kernel_rows") or []
+                   f"{'checked against the source' if summary.source_checked else 'without the source'}; "
+                   f"kernel `{summary.kernel}`, {summary.tokens} tokens per layer).")
+        if summary.kernel_note:
+            out.append(f"Kernel selection: {summary.kernel_note}.")
+        for line in summary.not_run:
+            out.append(f"Not run: `{line}`" + (" (allowed by --allow-skip)." if summary.allow_skip else "."))
+        rows = summary.kernel_rows
         if rows:
             vs_source = any("vs_source_rel_l2" in r for r in rows)
             out += ["", "Kernel output against a float32 reference computed from the same FP8 weights (does the "
@@ -107,7 +107,7 @@ def _validation_table(manifest: Manifest, chart: bool) -> list[str]:
                          else " - | - |" if vs_source else "")
                 out.append(f"| {r['shape']} | {r['layer']} | {r['rel_l2']:.2e} | {r['cosine']:.6f} | {r['max_abs']:.2e} | "
                            f"{r['within_tolerance']:.3f} |{extra} {r['status']} |")
-        quant = summary.get("quant_error")
+        quant = summary.quant_error
         if quant:
             out += ["", f"Quantisation error of the expert weights (dequantised FP8 against the BF16 source, relative L2 "
                         f"per expert matrix): mean {quant['mean_rel_l2']:.4f}, worst {quant['max_rel_l2']:.4f} over "
@@ -124,11 +124,11 @@ def _chart_series(manifest: Manifest) -> list[tuple[str, list[tuple[int, float]]
     """(name, [(layer, value)]) series worth drawing: per-layer errors of every recorded shape."""
     series = []
     for shape, summary in sorted(manifest.validation.items()):
-        rows = summary.get("kernel_rows") or []
+        rows = summary.kernel_rows
         if any("vs_source_rel_l2" in r for r in rows):
             series.append((f"{shape}: layer output vs BF16 source (rel L2)",
                            [(r["layer"], r["vs_source_rel_l2"]) for r in rows if "vs_source_rel_l2" in r]))
-        quant = summary.get("quant_error")
+        quant = summary.quant_error
         if quant:
             series.append((f"{shape}: expert weights vs BF16, mean (rel L2)", [(l, m) for l, _, m, _ in quant["per_layer"]]))
         elif rows:
@@ -196,10 +196,9 @@ def _weights_sentence(block: ConfigBlock) -> str:
 
 
 def _layout_sentence(profile: str) -> str:
-    if profile == "sglang":
-        return ("gate/up rows as `[up (w3); gate (w1)]`, the rank's 128-padded slice of the intermediate dimension, "
-                "zero padding; MajorK, unshuffled (byte-identical to what SGLang's loader builds)")
-    return "the sglang layout plus TRT-LLM's row shuffle (epilogue tile 64) and BlockMajorK (128) on the weights"
+    from mm_convert.transform.profiles import get_profile
+
+    return get_profile(profile).description
 
 
 def _presharded_sections(block: ConfigBlock) -> list[str]:
@@ -400,5 +399,5 @@ def record_validation(out: str | Path, report: "Report", settings: dict | None =
         summary = report.summary(shape)
         summary["settings"] = settings or {"kernel_requested": report.kernel_requested, "tokens": report.tokens,
                                            "seed": report.seed, "allow_skip": report.allow_skip}
-        manifest.validation[shape or "all"] = summary
+        manifest.validation[shape or "all"] = ValidationSummary.from_dict(summary)
     write_card(Path(out), manifest)  # the card shows the validation table; saves the manifest too

@@ -7,14 +7,14 @@ produces exactly the same bytes as an uninterrupted one.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from mm_convert import __version__
 from mm_convert.errors import CheckFailed, MMConvertError
 from mm_convert.fsutil import FileRecord, atomic_write_bytes, confined, read_json_object
-from mm_convert.output_format import FORMAT_VERSION, MANIFEST_NAME
+from mm_convert.output_format import FORMAT_VERSION, MANIFEST_NAME, ShapeEntry
 from mm_convert.read.source import SourceCheckpoint
 
 TOOL_NAME = "mm-convert"
@@ -91,6 +91,58 @@ class Census:
     source_not_loaded: int = 0  # presharded: source tensors SGLang skips on purpose (MTP layers, inv_freq)
 
 
+@dataclass(frozen=True)
+class RecipeRecord:
+    """What the conversion was asked for, as recorded (the manifest's `recipe`)."""
+
+    name: str | None
+    format: str
+    profile: str
+    tp: int
+    ep: int
+    gpu_arch: str | None = None  # presharded
+    ranks: tuple[int, ...] | None = None  # presharded: the ranks asked for (None: all)
+    part_size: int | None = None  # experts
+
+    def __post_init__(self) -> None:
+        if self.ranks is not None:
+            object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
+
+
+@dataclass(frozen=True)
+class ValidationSummary:
+    """One shape's recorded validation (`validate --record`, `run`): what the card's table shows and
+    `run` compares before skipping a validation."""
+
+    passed: bool
+    incomplete: bool = False
+    tool_version: str = ""
+    source_checked: bool = False
+    kernel: str | None = None
+    kernel_note: str = ""
+    layers: list[int] = field(default_factory=list)
+    tokens: int = 0
+    allow_skip: bool = False
+    not_run: list[str] = field(default_factory=list)
+    checks: dict[str, dict[str, int]] = field(default_factory=dict)  # check -> {"pass": n, "fail": n}
+    quant_error: dict[str, Any] | None = None  # BF16 sources: mean/max/limit/tensors and per_layer rows
+    kernel_rows: list[dict[str, Any]] = field(default_factory=list)  # shape, layer, status and the metrics
+    settings: dict[str, Any] = field(default_factory=dict)  # kernel_requested, tokens, seed, allow_skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ValidationSummary":
+        if not isinstance(d, dict) or not isinstance(d.get("passed"), bool):
+            raise ValueError("a validation entry without a boolean 'passed'")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def line(self) -> str:
+        verdict = "passed" if self.passed else "INCOMPLETE" if self.incomplete else "FAILED"
+        counts = ", ".join(f"{c} {v.get('pass', 0)} pass / {v.get('fail', 0)} fail" for c, v in sorted(self.checks.items()))
+        return (f"{verdict} ({counts}; {'against the source' if self.source_checked else 'without the source'}; "
+                f"kernel {self.kernel}, layers {self.layers})")
+
+
 @dataclass
 class Manifest:
     tool: str
@@ -98,11 +150,11 @@ class Manifest:
     format_version: int
     source: SourceIdentity
     profile: str
-    recipe: dict[str, Any]
-    shapes: list[dict[str, Any]]
+    recipe: RecipeRecord
+    shapes: list[ShapeEntry]
     files: list[FileRecord]
     census: Census
-    validation: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, ValidationSummary] = field(default_factory=dict)  # shape key (or "all") -> summary
     # convert/digests.py: what was read, so validate can undo the layout and compare without the source
     source_digests: dict[str, str] = field(default_factory=dict)
     digest_algorithm: str = "xxh3_128"
@@ -132,8 +184,8 @@ class Manifest:
                     card=dict(src.get("card") or {}),
                 ),
                 profile=d["profile"],
-                recipe=d.get("recipe", {}),
-                shapes=list(d["shapes"]),
+                recipe=RecipeRecord(**d["recipe"]),
+                shapes=[ShapeEntry(**s) for s in d["shapes"]],
                 files=[FileRecord(_listed(out, path, f["path"]), int(f["size"]), str(f["sha256"])) for f in d["files"]],
                 census=Census(
                     source_expert_tensors=census["source_expert_tensors"],
@@ -143,7 +195,7 @@ class Manifest:
                     output_by_dtype={k: DtypeCount(**v) for k, v in census["output_by_dtype"].items()},
                     source_not_loaded=int(census.get("source_not_loaded", 0)),
                 ),
-                validation=d.get("validation") or {},
+                validation={str(k): ValidationSummary.from_dict(v) for k, v in (d.get("validation") or {}).items()},
                 source_digests={str(k): str(v) for k, v in (d.get("source_digests") or {}).items()},
                 digest_algorithm=str(d.get("digest_algorithm", "xxh3_128")),
             )
@@ -170,8 +222,8 @@ def _listed(out: Path, manifest: Path, rel: object) -> str:
     return str(rel)
 
 
-def new_manifest(source: SourceIdentity, profile: str, recipe: dict[str, Any], shapes: list[dict[str, Any]],
-                 files: list[FileRecord], census: Census, validation: dict[str, Any] | None = None,
+def new_manifest(source: SourceIdentity, profile: str, recipe: RecipeRecord, shapes: list[ShapeEntry],
+                 files: list[FileRecord], census: Census, validation: dict[str, ValidationSummary] | None = None,
                  source_digests: dict[str, str] | None = None) -> Manifest:
     return Manifest(
         tool=TOOL_NAME,

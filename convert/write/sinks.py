@@ -17,7 +17,7 @@ import torch
 from mm_convert.fsutil import FileRecord
 from mm_convert.plan.build import PlannedFile
 from mm_convert.plan.presharded import content_hasher
-from mm_convert.read.safetensors_file import DTYPES, HeaderEntry, encode_header_exact, tensor_bytes
+from mm_convert.read.safetensors_file import DTYPES, TensorEntry, encode_header_exact, tensor_bytes
 from mm_convert.plan.sglang_state import RankTensor
 from mm_convert.write.workarea import StagedFile, WorkDir
 
@@ -34,7 +34,7 @@ class _Open:
         self.position = len(planned.header)
         self.hasher = None
         self.keys: list[str] = []  # one per planned tensor (content-keyed files)
-        self.kept: list[HeaderEntry] = []  # the header's entries, real keys and final offsets
+        self.kept: list[TensorEntry] = []  # the header's entries, real keys and final offsets
 
 
 class FileSink:
@@ -127,7 +127,7 @@ class FileSink:
                 state.writer.truncate(state.start)
             state.position = state.start
             return
-        state.kept.append(HeaderEntry(key, tensor.dtype, tensor.shape, state.start - len(state.planned.header)))
+        state.kept.append(TensorEntry(key, tensor.dtype, tensor.shape, state.start - len(state.planned.header)))
 
     def _finish(self, state: _Open) -> None:
         f = state.planned

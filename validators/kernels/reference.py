@@ -13,8 +13,8 @@ from functools import lru_cache
 
 import torch
 
-from mm_convert.model import QUANT_BLOCK
 from mm_convert.transform.profiles import WEIGHT_LAYOUT_BLOCK_MAJOR_K, shuffle_row_indices
+from mm_convert.transform.quant import dequantize_fp8_block
 from mm_convert.validators.kernels.base import RankWeights, RoutedInputs
 from mm_convert.validators.numerics import EXACT_MATH
 from mm_convert.validators.routing import unpack_topk
@@ -39,9 +39,8 @@ def _major_k(stored: torch.Tensor, e: int, w: RankWeights) -> torch.Tensor:
     return stored[e][:, position, :].permute(1, 0, 2).reshape(m, kb * bk)
 
 
-def _dequant(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    s = scale.repeat_interleave(QUANT_BLOCK, 0).repeat_interleave(QUANT_BLOCK, 1)[: q.shape[0], : q.shape[1]]
-    return q.view(torch.float8_e4m3fn).float() * s
+def _dequant(stored: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return dequantize_fp8_block(stored.view(torch.float8_e4m3fn), scale)
 
 
 class ReferenceBackend:

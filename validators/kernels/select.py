@@ -16,8 +16,6 @@ from mm_convert.transform.profiles import KernelFlags
 from mm_convert.validators.kernels.base import Backend
 from mm_convert.validators.kernels.reference import ReferenceBackend
 
-KERNEL_CHOICES = ("auto", "reference", "triton", "cutlass", "trtllm")
-
 
 @dataclass(frozen=True)
 class Selection:

@@ -27,15 +27,16 @@ import triton
 import triton.language as tl
 
 from mm_convert.model import QUANT_BLOCK
-from mm_convert.transform.profiles import EPILOGUE_TILE_M, WEIGHT_LAYOUT_BLOCK_MAJOR_K
+from mm_convert.transform.profiles import EPILOGUE_TILE_M, SHUFFLE_ROWS, WEIGHT_LAYOUT_BLOCK_MAJOR_K
 from mm_convert.validators.kernels.base import RankWeights, RoutedInputs
 from mm_convert.validators.numerics import FP8_KERNEL
 from mm_convert.validators.routing import unpack_topk
 
 BLOCK_K = QUANT_BLOCK
 BLOCK_N = QUANT_BLOCK  # one weight-scale block per program column, one activation scale per row
-SHUFFLE_BLOCK = 16  # rows permuted together by shuffle_matrix_a with epilogue tile 64
-assert EPILOGUE_TILE_M == 64
+# The jit code below spells the shuffle's 16-row blocks and epilogue tile 64 as literals (Triton
+# compiles constants, not module globals): held to the profile's own values here.
+assert SHUFFLE_ROWS == 16 and EPILOGUE_TILE_M == 64
 
 
 @triton.jit
