@@ -134,7 +134,18 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RequestError(f"{path}: not a readable TOML recipe ({exc})") from exc
     where = str(path)
     _check_keys(data, {"name", "work_dir", "source", "convert", "validate", "publish"}, where)
+    return Recipe(
+        name=_typed(data, "name", str, where, path.stem),
+        path=path,
+        source=_source_section(data, where),
+        convert=_convert_section(data, where),
+        validate=_validate_section(data, where),
+        publish=_publish_section(data, where),
+        work_dir=_typed(data, "work_dir", str, where, None),
+    )
 
+
+def _source_section(data: dict, where: str) -> SourceSpec:
     src = _table(data, "source", where)
     _check_keys(src, {"repo_id", "revision", "path", "tiny"}, f"{where} [source]")
     tiny = src.get("tiny")
@@ -152,7 +163,10 @@ def load_recipe(path: str | Path) -> Recipe:
     chosen = [k for k, v in (("repo_id", source.repo_id), ("path", source.path), ("tiny", tiny)) if v is not None]
     if len(chosen) != 1:
         raise RequestError(f"{where} [source]: give exactly one of repo_id, path or tiny (got {chosen or 'none'})")
+    return source
 
+
+def _convert_section(data: dict, where: str) -> ConvertSpec:
     conv = _table(data, "convert", where)
     _check_keys(conv, {f.name for f in fields(ConvertSpec)}, f"{where} [convert]")
     d = ConvertSpec()
@@ -168,7 +182,10 @@ def load_recipe(path: str | Path) -> Recipe:
         gpu_arch=_typed(conv, "gpu_arch", str, where, d.gpu_arch),
         ranks=_ranks(conv, where),
     )
+    return convert
 
+
+def _validate_section(data: dict, where: str) -> ValidateSpec:
     val = _table(data, "validate", where)
     _check_keys(val, {f.name for f in fields(ValidateSpec)}, f"{where} [validate]")
     layers = val.get("layers", "auto")
@@ -191,7 +208,10 @@ def load_recipe(path: str | Path) -> Recipe:
         device=_typed(val, "device", str, where, v.device),
         allow_skip=_typed(val, "allow_skip", bool, where, v.allow_skip),
     )
+    return validate
 
+
+def _publish_section(data: dict, where: str) -> PublishSpec:
     pub = _table(data, "publish", where)
     _check_keys(pub, {f.name for f in fields(PublishSpec)}, f"{where} [publish]")
     p = PublishSpec()
@@ -204,16 +224,7 @@ def load_recipe(path: str | Path) -> Recipe:
     )
     if publish.enabled and not publish.repo_id:
         raise RequestError(f"{where} [publish]: enabled but no repo_id")
-
-    return Recipe(
-        name=_typed(data, "name", str, where, path.stem),
-        path=path,
-        source=source,
-        convert=convert,
-        validate=validate,
-        publish=publish,
-        work_dir=_typed(data, "work_dir", str, where, None),
-    )
+    return publish
 
 
 def _ranks(table: dict, where: str) -> tuple[int, ...] | None:

@@ -159,11 +159,16 @@ def test_a_snapshot_folder_is_a_source(hub, tiny_fp8, tmp_path):
     assert all(f["sha256"] for f in source["files"])
 
 
-def test_a_snapshot_link_leaving_the_cache_is_refused(hub, tiny_fp8, tmp_path):
-    upload(hub, tmp_path, tiny_fp8)
+def _downloaded(hub, tmp_path: Path, tiny: Path) -> tuple[Path, Path]:
+    """The tiny source uploaded, then downloaded into a fresh HF_HOME: (home, snapshot folder)."""
+    upload(hub, tmp_path, tiny)
     home = tmp_path / "home"
     assert mm_convert(hub, home, "download", SOURCE_REPO, "-q").returncode == 0
-    snapshot = next((home / "hub").glob("models--*/snapshots/*"))
+    return home, next((home / "hub").glob("models--*/snapshots/*"))
+
+
+def test_a_snapshot_link_leaving_the_cache_is_refused(hub, tiny_fp8, tmp_path):
+    home, snapshot = _downloaded(hub, tmp_path, tiny_fp8)
     name = shards(tiny_fp8)[1]
     outside = tmp_path / "elsewhere.safetensors"
     outside.write_bytes((snapshot / name).read_bytes())
@@ -174,10 +179,7 @@ def test_a_snapshot_link_leaving_the_cache_is_refused(hub, tiny_fp8, tmp_path):
 
 
 def test_a_corrupt_blob_is_caught_removed_and_fetched_again(hub, tiny_fp8, tmp_path):
-    upload(hub, tmp_path, tiny_fp8)
-    home = tmp_path / "home"
-    assert mm_convert(hub, home, "download", SOURCE_REPO, "-q").returncode == 0
-    snapshot = next((home / "hub").glob("models--*/snapshots/*"))
+    home, snapshot = _downloaded(hub, tmp_path, tiny_fp8)
     name = shards(tiny_fp8)[0]
     blob = (snapshot / name).resolve()
     raw = bytearray(blob.read_bytes())

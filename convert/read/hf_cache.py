@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from mm_convert.fsutil import HASH_CHUNK, atomic_write_bytes, read_json_object
+from mm_convert.fsutil import HASH_CHUNK, atomic_write_bytes, read_json_object, sha256_file
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -94,13 +94,7 @@ def content_hash_matches(blob: Path, on_bytes: Callable[[int], None] | None = No
     """Whether a blob's bytes hash to its name (sha256 for LFS blobs, git sha1 for the rest)."""
     name = blob.name
     if SHA256_RE.match(name):
-        h = hashlib.sha256()
-        with open(blob, "rb") as f:
-            while chunk := f.read(HASH_CHUNK):
-                h.update(chunk)
-                if on_bytes:
-                    on_bytes(len(chunk))
-        return h.hexdigest() == name
+        return sha256_file(blob, on_bytes) == name
     if COMMIT_RE.match(name):
         ok = git_blob_sha1(blob) == name
         if on_bytes:
