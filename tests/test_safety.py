@@ -375,8 +375,13 @@ def test_every_command_with_bad_arguments_fails_in_one_line(tiny_fp8, finished, 
 
 def test_ctrl_c_is_one_line_and_resumable(tiny_fp8, tmp_path):
     out = tmp_path / "out"
-    slow = ("import time, sys; from mm_convert.write import workarea as writer; w = writer.StagedFile.write\n"
-            "def slow(self, d):\n    time.sleep(0.05); return w(self, d)\n"
+    # From the third write on, the conversion waits (mid-file) for the Ctrl-C, so it always lands
+    # during the work, however fast the machine; the handler then does what Python's default does.
+    slow = ("import signal, sys, threading; from mm_convert.write import workarea as writer\n"
+            "w, calls, interrupted = writer.StagedFile.write, [0], threading.Event()\n"
+            "def on_int(s, f):\n    interrupted.set(); signal.default_int_handler(s, f)\n"
+            "signal.signal(signal.SIGINT, on_int)\n"
+            "def slow(self, d):\n    calls[0] += 1\n    calls[0] >= 3 and interrupted.wait(60)\n    return w(self, d)\n"
             "writer.StagedFile.write = slow\nfrom mm_convert.cli import main\nmain(sys.argv[1:])\n")
     proc = subprocess.Popen([sys.executable, "-c", slow, "convert", str(tiny_fp8), str(out), "--tp", "2", "-q"],
                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
